@@ -1,0 +1,105 @@
+"""Frozen model configuration, named presets and JSON round-trip.
+
+One `BERTConfig` describes a BERT's shape; it is saved beside every checkpoint
+(`config.json`) so that a checkpoint can always be rebuilt and checked against
+the model that loads it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+__all__ = ['BERTConfig', 'PRESETS', 'preset_names']
+
+
+# Shapes of the BERTs that users know by name. The vocabulary size is not part of
+# a preset: it comes from the vocabulary the model is built for.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The BERT that the book pretrains on WikiText-2 (sec. "Pretraining BERT").
+    'd2l.pretrain': dict(num_hiddens=128, ffn_num_hiddens=256, num_heads=2,
+                         num_blks=2, dropout=0.2, max_len=1000),
+    # The book's downloadable MXNet checkpoints (sec. "Fine-Tuning BERT").
+    'bert.small': dict(num_hiddens=256, ffn_num_hiddens=512, num_heads=4,
+                       num_blks=2, dropout=0.1, max_len=512),
+    'bert.base': dict(num_hiddens=768, ffn_num_hiddens=3072, num_heads=12,
+                      num_blks=12, dropout=0.1, max_len=512),
+    # Small enough for unit tests (HF's BertModelTester uses hidden 32, 2 layers).
+    'tiny': dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=2,
+                 num_blks=2, dropout=0.1, max_len=64),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+@dataclasses.dataclass(frozen=True)
+class BERTConfig:
+    """Hyper-parameters of a BERT, with the book's argument names."""
+    vocab_size: int
+    num_hiddens: int = 128
+    ffn_num_hiddens: int = 256
+    num_heads: int = 2
+    num_blks: int = 2
+    dropout: float = 0.2
+    max_len: int = 1000
+    num_classes: int = 3  # outputs of BERTClassifier (SNLI: 3)
+    preset: str | None = None  # the preset this config was made from, if any
+
+    def __post_init__(self):
+        for field in ('vocab_size', 'num_hiddens', 'ffn_num_hiddens', 'num_heads',
+                      'num_blks', 'max_len', 'num_classes'):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f'BERTConfig.{field} must be a positive integer, got {value!r}')
+        if self.num_hiddens % self.num_heads:
+            raise ValueError(f'num_hiddens ({self.num_hiddens}) must be divisible by '
+                             f'num_heads ({self.num_heads})')
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f'dropout must be in [0, 1), got {self.dropout!r}')
+
+    # -- construction ---------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, vocab_size: int, **overrides) -> 'BERTConfig':
+        if name not in PRESETS:
+            raise ValueError(f'unknown BERT preset {name!r}; known presets: '
+                             f'{", ".join(preset_names())}')
+        fields = dict(PRESETS[name], **overrides)
+        return cls(vocab_size=vocab_size, preset=name, **fields)
+
+    def replace(self, **changes) -> 'BERTConfig':
+        return dataclasses.replace(self, **changes)
+
+    # -- JSON round-trip ------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> 'BERTConfig':
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f'unknown BERTConfig fields: {", ".join(unknown)}')
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> 'BERTConfig':
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the config as JSON, atomically (a crash never leaves half a file)."""
+        path = os.fspath(path)
+        tmp = f'{path}.tmp{os.getpid()}'
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(self.to_json() + '\n')
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> 'BERTConfig':
+        with open(path, encoding='utf-8') as f:
+            return cls.from_json(f.read())
