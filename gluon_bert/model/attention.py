@@ -1,0 +1,80 @@
+"""Multi-head scaled dot-product self-attention with a length mask.
+
+Shape legend
+    B: batch size            L: sequence length (queries = keys = values)
+    H: num_hiddens           h: num_heads          d = H / h: size of one head
+"""
+from __future__ import annotations
+
+import math
+
+from mxnet.gluon import nn
+
+from .layers import Dense, Dropout, LegacyBoundary
+
+__all__ = ['masked_softmax', 'MultiHeadAttention']
+
+
+def masked_softmax(F, scores, valid_lens):
+    """Softmax over the last axis of `scores` that ignores keys at positions >= valid_len.
+
+    scores: (B*h, L, L); valid_lens: (B*h,) or None. Masked keys get probability 0 (the
+    book writes -1e6 before the softmax: the same numbers in float32, and this way
+    needs no large constant, which float16 could not hold).
+    """
+    if valid_lens is None:
+        return F.softmax(scores, axis=-1)
+    # One length per query row: (B*h,) -> (B*h, 1) -> (B*h, L)
+    lengths = F.broadcast_like(F.expand_dims(valid_lens, axis=-1), scores,
+                               lhs_axes=(1,), rhs_axes=(1,))
+    return F.softmax(scores, length=F.cast(lengths, 'int32'), axis=-1, use_length=True)
+
+
+class MultiHeadAttention(LegacyBoundary, nn.HybridBlock):
+    """The book's `MultiHeadAttention` (self-attention form used by BERT).
+
+    Parameters W_q, W_k, W_v, W_o keep the book's names. The book's inner
+    `DotProductAttention` only holds a dropout, which lives here directly.
+    """
+
+    def __init__(self, num_hiddens, num_heads, dropout, use_bias=False, **kwargs):
+        super().__init__(**kwargs)
+        if num_hiddens % num_heads:
+            raise ValueError(f'num_hiddens {num_hiddens} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self._scale = 1.0 / math.sqrt(num_hiddens // num_heads)
+        with self.name_scope():
+            self.W_q = Dense(num_hiddens, use_bias=use_bias, flatten=False)
+            self.W_k = Dense(num_hiddens, use_bias=use_bias, flatten=False)
+            self.W_v = Dense(num_hiddens, use_bias=use_bias, flatten=False)
+            self.W_o = Dense(num_hiddens, use_bias=use_bias, flatten=False)
+            self.dropout = Dropout(dropout)
+
+    def _split_heads(self, F, X):
+        # (B, L, H) -> (B, L, h, d)
+        X = F.reshape(X, shape=(0, 0, self.num_heads, -1))
+        # (B, L, h, d) -> (B, h, L, d)
+        X = F.transpose(X, axes=(0, 2, 1, 3))
+        # (B, h, L, d) -> (B*h, L, d)
+        return F.reshape(X, shape=(-3, -2))
+
+    def _merge_heads(self, F, X):
+        # (B*h, L, d) -> (B, h, L, d)
+        X = F.reshape(X, shape=(-4, -1, self.num_heads, -2))
+        # (B, h, L, d) -> (B, L, h, d)
+        X = F.transpose(X, axes=(0, 2, 1, 3))
+        # (B, L, h, d) -> (B, L, H)
+        return F.reshape(X, shape=(0, 0, -1))
+
+    def hybrid_forward(self, F, queries, keys, values, valid_lens=None):
+        q = self._split_heads(F, self.W_q(queries))  # (B*h, L, d)
+        k = self._split_heads(F, self.W_k(keys))     # (B*h, L, d)
+        v = self._split_heads(F, self.W_v(values))   # (B*h, L, d)
+        if valid_lens is not None:
+            # Each example's length once per head, in the (B, h) order of _split_heads.
+            valid_lens = F.repeat(valid_lens, repeats=self.num_heads, axis=0)  # (B*h,)
+        # Scaled after the product, as the book does.
+        scores = F.batch_dot(q, k, transpose_b=True) * self._scale  # (B*h, L, L)
+        weights = masked_softmax(F, scores, valid_lens)               # (B*h, L, L)
+        output = F.batch_dot(self.dropout(weights), v)                # (B*h, L, d)
+        return self.W_o(self._merge_heads(F, output))                 # (B, L, H)

@@ -1,0 +1,125 @@
+"""The BERT pretraining model and the BERT classifier used for fine-tuning.
+
+Shape legend
+    B: batch size   L: sequence length   H: num_hiddens   P: predictions per example
+    V: vocabulary size   C: number of classes
+"""
+from __future__ import annotations
+
+import warnings
+
+from mxnet.gluon import nn
+
+from ..config import BERTConfig
+from .encoder import BERTEncoder
+from .heads import MaskLM, NextSentencePred
+from .layers import Dense, LegacyBoundary
+
+__all__ = ['BERTModel', 'BERTClassifier', 'cls_hidden']
+
+
+def _config_from_args(config, args, kwargs) -> BERTConfig:
+    """Accept a BERTConfig, or the book's positional/keyword arguments."""
+    if isinstance(config, BERTConfig):
+        if args or kwargs:
+            raise TypeError('pass either a BERTConfig or the book\'s arguments, not both')
+        return config
+    names = ('vocab_size', 'num_hiddens', 'ffn_num_hiddens', 'num_heads', 'num_blks',
+             'dropout', 'max_len')
+    fields = dict(zip(names, (config,) + tuple(args)))
+    for key, value in kwargs.items():
+        if key in fields:
+            raise TypeError(f'argument {key!r} given twice')
+        fields[key] = value
+    return BERTConfig(**fields)
+
+
+def cls_hidden(F, hidden, encoded_X):
+    """The book's pooled representation: hidden(encoded_X[:, 0, :])."""
+    cls = F.slice_axis(encoded_X, axis=1, begin=0, end=1)  # (B, L, H) -> (B, 1, H)
+    return hidden(F.reshape(cls, shape=(0, -1)))          # (B, 1, H) -> (B, H) -> (B, H)
+
+
+class BERTModel(LegacyBoundary, nn.HybridBlock):
+    """BERT with its pretraining heads, as the book's `BERTModel`.
+
+    `BERTModel(config)` or `BERTModel(vocab_size, num_hiddens, ffn_num_hiddens, num_heads,
+    num_blks, dropout, max_len=1000)`.
+
+    Call: `(tokens, segments, valid_lens=None, pred_positions=None)` ->
+    `(encoded_X (B, L, H), mlm_Y_hat (B, P, V) or None, nsp_Y_hat (B, 2))`.
+    """
+
+    def __init__(self, config, *args, **kwargs):
+        prefix = kwargs.pop('prefix', None)
+        params = kwargs.pop('params', None)
+        super().__init__(prefix=prefix, params=params)
+        self.config = _config_from_args(config, args, kwargs)
+        c = self.config
+        with self.name_scope():
+            self.encoder = BERTEncoder(c.vocab_size, c.num_hiddens, c.ffn_num_hiddens,
+                                       c.num_heads, c.num_blks, c.dropout, c.max_len)
+            self.hidden = Dense(c.num_hiddens, activation='tanh')
+            self.mlm = MaskLM(c.vocab_size, c.num_hiddens)
+            self.nsp = NextSentencePred()
+
+    def __call__(self, tokens, segments, valid_lens=None, pred_positions=None):
+        if pred_positions is None:
+            with warnings.catch_warnings():
+                # Without positions the MLM head is unused, which Gluon warns about.
+                warnings.filterwarnings('ignore', message='.*not used by any computation')
+                out = super().__call__(tokens, segments, valid_lens, pred_positions)
+            # A static graph cannot output None: put it back here.
+            encoded_X, nsp_Y_hat = out
+            return encoded_X, None, nsp_Y_hat
+        return super().__call__(tokens, segments, valid_lens, pred_positions)
+
+    def hybrid_forward(self, F, tokens, segments, valid_lens=None, pred_positions=None):
+        encoded_X = self.encoder(tokens, segments, valid_lens)  # (B, L, H)
+        # The NSP classifier reads the hidden layer's output at <cls> (position 0).
+        nsp_Y_hat = self.nsp(cls_hidden(F, self.hidden, encoded_X))  # (B, 2)
+        if pred_positions is None:
+            return encoded_X, nsp_Y_hat
+        return encoded_X, self.mlm(encoded_X, pred_positions), nsp_Y_hat
+
+
+class BERTClassifier(LegacyBoundary, nn.HybridBlock):
+    """The book's fine-tuning model: a pretrained encoder and `hidden` layer + a new output.
+
+    `BERTClassifier(bert)` shares `bert.encoder` and `bert.hidden` (the pretraining heads
+    are not part of it, so fine-tuning cannot touch them); `BERTClassifier(config)` builds
+    a fresh encoder. Call: `(tokens, segments, valid_lens)` -> logits (B, C). The book's
+    single-tuple form `net((tokens, segments, valid_lens))` works too.
+    """
+
+    def __init__(self, bert_or_config, num_classes=None, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(bert_or_config, BERTModel):
+            bert, config = bert_or_config, bert_or_config.config
+        elif isinstance(bert_or_config, BERTConfig):
+            bert, config = None, bert_or_config
+        else:
+            raise TypeError('BERTClassifier takes a gluon_bert BERTModel or a BERTConfig, got '
+                            f'{type(bert_or_config).__name__}')
+        if num_classes is not None:
+            config = config.replace(num_classes=num_classes)
+        self.config = config
+        with self.name_scope():
+            if bert is None:
+                c = config
+                self.encoder = BERTEncoder(c.vocab_size, c.num_hiddens, c.ffn_num_hiddens,
+                                           c.num_heads, c.num_blks, c.dropout, c.max_len)
+                self.hidden = Dense(c.num_hiddens, activation='tanh')
+            else:
+                self.encoder = bert.encoder
+                self.hidden = bert.hidden
+            self.output = Dense(config.num_classes)
+
+    def __call__(self, *args):
+        if len(args) == 1 and isinstance(args[0], (list, tuple)):
+            args = tuple(args[0])  # the book passes (tokens, segments, valid_lens) as one tuple
+        return super().__call__(*args)
+
+    def hybrid_forward(self, F, tokens, segments, valid_lens=None):
+        encoded_X = self.encoder(tokens, segments, valid_lens)        # (B, L, H)
+        return self.output(cls_hidden(F, self.hidden, encoded_X))      # (B, C)

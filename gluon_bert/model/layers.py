@@ -1,0 +1,132 @@
+"""The boundary between the book's `mxnet.numpy` world and our legacy-operator graphs.
+
+Why the model is written with the legacy operator API (`hybrid_forward(self, F, ...)`
+with `F.*` ops): MXNet 1.9.1's mixed precision (`mxnet.contrib.amp`) rewrites only
+legacy operators. On the numpy interface `amp.init()` silently changes nothing and
+`amp.init_trainer()` fails. The book, however, calls `npx.set_np()` and passes
+`mxnet.numpy` arrays. So every block of this package:
+
+* runs its graph, and creates, loads and saves its parameters, with numpy semantics
+  switched off (`legacy_scope()`), whatever the caller's global mode is;
+* accepts `mxnet.numpy` arrays and hands `mxnet.numpy` arrays back when the caller is
+  in numpy mode, and plain `NDArray`s otherwise.
+
+The conversions are shallow (`as_nd_ndarray` / `as_np_ndarray` share memory and
+autograd history), so gradients flow through the boundary unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import mxnet as mx
+from mxnet.gluon import nn
+from mxnet.util import is_np_array, np_array, np_shape
+
+__all__ = ['legacy_scope', 'LegacyBoundary', 'Dense', 'LayerNorm', 'Embedding', 'Dropout',
+           'HybridSequential', 'to_legacy', 'to_numpy']
+
+
+@contextlib.contextmanager
+def legacy_scope():
+    """Switch off numpy array and shape semantics inside the block."""
+    with np_array(False), np_shape(False):
+        yield
+
+
+def _convert(obj, fn):
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_convert(o, fn) for o in obj)
+    if isinstance(obj, mx.nd.NDArray):
+        return fn(obj)
+    return obj
+
+
+def to_legacy(obj):
+    """`mxnet.numpy` arrays (also inside lists/tuples) -> legacy NDArrays, shallowly."""
+    return _convert(obj, lambda a: a.as_nd_ndarray() if isinstance(a, mx.np.ndarray) else a)
+
+
+def to_numpy(obj):
+    """Legacy NDArrays (also inside lists/tuples) -> `mxnet.numpy` arrays, shallowly."""
+    return _convert(obj, lambda a: a if isinstance(a, mx.np.ndarray) else a.as_np_ndarray())
+
+
+class LegacyBoundary:
+    """Mixin for HybridBlocks: numpy-mode callers in, legacy graph inside.
+
+    Put it first in the bases so that its methods wrap Gluon's.
+    """
+
+    def __call__(self, *args):
+        # A hybridized block caches one graph per pattern of omitted (None) inputs, e.g.
+        # BERTModel with and without pred_positions: rebuild when the pattern changes.
+        pattern = tuple(a is None for a in args)
+        if getattr(self, '_active', False) and getattr(self, '_none_pattern', pattern) != pattern:
+            self._clear_cached_op()
+        self._none_pattern = pattern
+        if not is_np_array():  # already inside a legacy graph (or a legacy caller)
+            return super().__call__(*args)
+        with legacy_scope():
+            out = super().__call__(*to_legacy(args))
+        return to_numpy(out)
+
+    # Parameters are created, loaded and saved as legacy NDArrays in every mode, so that
+    # the legacy operators of the graph can take them.
+    def initialize(self, *args, **kwargs):
+        with legacy_scope():
+            return super().initialize(*args, **kwargs)
+
+    def load_parameters(self, *args, **kwargs):
+        # A .params file records whether it was written with numpy shape semantics and
+        # MXNet refuses to read it in the other mode: the book's checkpoints (and ours) are
+        # numpy-shape files, a legacy Gluon program writes the other kind. Read either.
+        try:
+            with np_array(False), np_shape(True):
+                return super().load_parameters(*args, **kwargs)
+        except mx.base.MXNetError as err:
+            if 'np shape semantics' not in str(err):
+                raise
+        with legacy_scope():
+            return super().load_parameters(*args, **kwargs)
+
+    def save_parameters(self, *args, **kwargs):
+        # Written with numpy shape semantics, like the book's checkpoints, so that the
+        # book's `load_parameters` (under npx.set_np()) reads ours.
+        with np_array(False), np_shape(True):
+            return super().save_parameters(*args, **kwargs)
+
+    def hybridize(self, *args, **kwargs):
+        with legacy_scope():
+            return super().hybridize(*args, **kwargs)
+
+    def export(self, *args, **kwargs):
+        with legacy_scope():
+            return super().export(*args, **kwargs)
+
+    def cast(self, *args, **kwargs):
+        with legacy_scope():
+            return super().cast(*args, **kwargs)
+
+    def reset_ctx(self, *args, **kwargs):
+        with legacy_scope():
+            return super().reset_ctx(*args, **kwargs)
+
+
+class Dense(LegacyBoundary, nn.Dense):
+    """`nn.Dense` usable from numpy-mode code (e.g. the book's new classifier output)."""
+
+
+class LayerNorm(LegacyBoundary, nn.LayerNorm):
+    pass
+
+
+class Embedding(LegacyBoundary, nn.Embedding):
+    pass
+
+
+class Dropout(LegacyBoundary, nn.Dropout):
+    pass
+
+
+class HybridSequential(LegacyBoundary, nn.HybridSequential):
+    pass
