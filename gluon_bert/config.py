@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any, Mapping
 
-__all__ = ['BERTConfig', 'PRESETS', 'preset_names']
+__all__ = ['BERTConfig', 'TrainConfig', 'PRESETS', 'preset_names']
 
 
 # Shapes of the BERTs that users know by name. The vocabulary size is not part of
@@ -103,3 +103,74 @@ class BERTConfig:
     def load(cls, path: str | os.PathLike) -> 'BERTConfig':
         with open(path, encoding='utf-8') as f:
             return cls.from_json(f.read())
+
+
+TASKS = ('pretrain', 'finetune')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; saved in every checkpoint's state.json.
+
+    Defaults are the book's: pretraining 50 steps of batch 512 at max_len 64 with Adam lr
+    0.01 on `d2l.pretrain`; fine-tuning 5 epochs of batch 512 at max_len 128, lr 1e-4.
+    """
+    task: str = 'pretrain'
+    data_dir: str | None = None     # None: the sample shipped in the package
+    out_dir: str = 'runs/pretrain'
+    preset: str = 'd2l.pretrain'    # pretraining: the model shape
+    init: str | None = None         # fine-tuning: a pretraining run/checkpoint, or bert.small
+    batch_size: int = 512
+    max_len: int = 64
+    lr: float = 0.01
+    num_steps: int = 50             # pretraining length, in updates
+    num_epochs: int = 5             # fine-tuning length
+    seed: int = 0
+    devices: str = 'auto'           # 'auto' = every GPU, else CPU; or 'cpu(0),cpu(1)'
+    kvstore: str = 'device'
+    warmup_steps: int = 0
+    schedule: str = 'constant'
+    clip_norm: float | None = None
+    log_interval: int = 10          # updates between metric read-backs
+    checkpoint_interval: int = 0    # updates between checkpoints (0: end of run/epoch only)
+    pad_to: str = 'max_len'         # or 'longest': each batch padded to its longest example
+    bucket: bool = False            # length-bucketed sampling (with pad_to='longest')
+    train_split: str = 'train'
+    eval_split: str = 'test'
+    holdout: int = 0                # >0: hold out this many train pairs as the eval set
+    train_limit: int = 0            # >0: use only this many training examples
+    framework: str = 'mxnet'
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f'task must be one of {TASKS}, got {self.task!r}')
+        for field in ('batch_size', 'max_len', 'num_steps', 'num_epochs', 'log_interval'):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f'{field} must be a positive integer, got {value!r}')
+        if self.lr <= 0:
+            raise ValueError(f'lr must be positive, got {self.lr!r}')
+        if self.pad_to not in ('max_len', 'longest'):
+            raise ValueError(f"pad_to must be 'max_len' or 'longest', got {self.pad_to!r}")
+        if self.max_len < 8:
+            raise ValueError(f'max_len must be at least 8, got {self.max_len}')
+
+    @classmethod
+    def for_task(cls, task: str, **overrides) -> 'TrainConfig':
+        """The book's defaults for `task`, then `overrides` (None values are ignored)."""
+        base = dict(task=task)
+        if task == 'finetune':
+            base.update(out_dir='runs/finetune', lr=1e-4, max_len=128, preset='bert.small')
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    def replace(self, **changes) -> 'TrainConfig':
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> 'TrainConfig':
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
