@@ -1,0 +1,204 @@
+"""`gluon-bert <command>`: a thin layer over gluon_bert.train and gluon_bert.data.
+
+    gluon-bert reproduce            pretrain -> fine-tune -> evaluate -> report (the main job)
+    gluon-bert pretrain             MLM + NSP pretraining (the book's settings by default)
+    gluon-bert finetune --init X    SNLI fine-tuning from a pretraining run or bert.small
+    gluon-bert evaluate RUN         accuracy of a fine-tuned classifier on an SNLI split
+    gluon-bert predict RUN P H      label + probabilities for a premise/hypothesis pair
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+__all__ = ['main', 'build_parser', 'REPRODUCE_RECIPES']
+
+# Settings of the main job. 'sample' fits the shipped sample and a 2-core machine in a few
+# minutes; 'book' is the book's experiment on the real data (WikiText-2 + SNLI).
+REPRODUCE_RECIPES = {
+    'sample': dict(
+        pretrain=dict(preset='d2l.pretrain', batch_size=128, max_len=64, lr=1e-3,
+                      num_steps=300, log_interval=25),
+        finetune=dict(batch_size=64, max_len=64, lr=5e-4, num_epochs=5, pad_to='longest',
+                      bucket=True),
+    ),
+    'book': dict(
+        pretrain=dict(preset='d2l.pretrain', batch_size=512, max_len=64, lr=0.01,
+                      num_steps=50, log_interval=10),
+        finetune=dict(batch_size=512, max_len=128, lr=1e-4, num_epochs=5),
+    ),
+}
+
+LABELS = ('entailment', 'contradiction', 'neutral')
+
+
+def _add_train_args(p, task):
+    g = p.add_argument_group('run')
+    g.add_argument('--data-dir', help='folder with the data (default: the shipped sample)')
+    g.add_argument('--out-dir', help=f'run folder (default: runs/{task})')
+    g.add_argument('--resume', action='store_true', help='continue the run in --out-dir')
+    g.add_argument('--devices', help="'auto' (all GPUs, else CPU) or e.g. 'cpu(0),cpu(1)'")
+    g.add_argument('--kvstore', help="gradient reduction: device, local, dist_sync, ...")
+    g.add_argument('--seed', type=int)
+    g.add_argument('--framework', choices=('mxnet', 'torch', 'jax'), default='mxnet')
+    g.add_argument('--no-progress', action='store_true', help='no progress bar')
+    h = p.add_argument_group('hyper-parameters (the book\'s by default)')
+    h.add_argument('--batch-size', type=int)
+    h.add_argument('--max-len', type=int)
+    h.add_argument('--lr', type=float)
+    h.add_argument('--warmup-steps', type=int)
+    h.add_argument('--schedule', choices=('constant', 'linear', 'cosine'))
+    h.add_argument('--clip-norm', type=float)
+    h.add_argument('--log-interval', type=int)
+    h.add_argument('--checkpoint-interval', type=int)
+    h.add_argument('--pad-to', choices=('max_len', 'longest'))
+    h.add_argument('--bucket', action='store_true', default=None,
+                   help='length-bucketed batches (use with --pad-to longest)')
+    h.add_argument('--train-limit', type=int, help='use only the first N training examples')
+    if task == 'pretrain':
+        h.add_argument('--preset', help='model shape: d2l.pretrain, bert.small, bert.base, tiny')
+        h.add_argument('--num-steps', type=int)
+    else:
+        h.add_argument('--init', help='pretraining run folder, bert.small, bert.base, or a '
+                                      'zip/folder in the book\'s layout')
+        h.add_argument('--num-epochs', type=int)
+        h.add_argument('--train-split')
+        h.add_argument('--eval-split')
+        h.add_argument('--holdout', type=int,
+                       help='hold out N training pairs (seeded) as the evaluation set')
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog='gluon-bert', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+    for task in ('pretrain', 'finetune'):
+        _add_train_args(sub.add_parser(task, help=f'{task} BERT'), task)
+
+    p = sub.add_parser('reproduce', help='pretrain, fine-tune, evaluate and report')
+    p.add_argument('--data-dir', help='folder holding wikitext-2/ and snli/ '
+                                      '(default: the shipped sample)')
+    p.add_argument('--out-dir', default='runs/reproduce')
+    p.add_argument('--recipe', choices=sorted(REPRODUCE_RECIPES),
+                   help='settings (default: sample without --data-dir, book with it)')
+    p.add_argument('--devices')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--pretrain-steps', type=int, help='override the recipe\'s step count')
+    p.add_argument('--finetune-epochs', type=int, help='override the recipe\'s epochs')
+    p.add_argument('--no-progress', action='store_true')
+
+    p = sub.add_parser('evaluate', help='accuracy of a fine-tuned classifier')
+    p.add_argument('run', help='fine-tuning run or checkpoint folder')
+    p.add_argument('--data-dir')
+    p.add_argument('--split', default='test')
+    p.add_argument('--max-len', type=int, default=None)
+    p.add_argument('--batch-size', type=int, default=256)
+    p.add_argument('--devices')
+
+    p = sub.add_parser('predict', help='classify premise/hypothesis pairs')
+    p.add_argument('run', help='fine-tuning run or checkpoint folder')
+    p.add_argument('premise', nargs='?')
+    p.add_argument('hypothesis', nargs='?')
+    p.add_argument('--file', help='tab-separated premise<TAB>hypothesis lines ("-": stdin)')
+    p.add_argument('--max-len', type=int, default=None)
+    p.add_argument('--devices')
+    return parser
+
+
+def _train_config(args, task):
+    from .config import TrainConfig
+    fields = {k: v for k, v in vars(args).items()
+              if k not in ('command', 'resume', 'no_progress')}
+    return TrainConfig.for_task(task, **fields)
+
+
+def _run_training(cfg, resume, progress):
+    from .train import finetune, pretrain
+    if cfg.framework != 'mxnet':
+        from .ports.cli_bridge import run_training  # the ports' loop over the same data
+        return run_training(cfg, resume=resume, progress=progress)
+    fn = pretrain if cfg.task == 'pretrain' else finetune
+    return fn(cfg, resume=resume, progress=progress)
+
+
+def _print_summary(result):
+    shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str, list))
+             or v is None}
+    print(json.dumps(shown, indent=2, default=str))
+
+
+def cmd_train(args, task):
+    cfg = _train_config(args, task)
+    _print_summary(_run_training(cfg, args.resume, False if args.no_progress else None))
+
+
+def cmd_reproduce(args):
+    from .report import reproduce
+    result = reproduce(data_dir=args.data_dir, out_dir=args.out_dir, recipe=args.recipe,
+                       devices=args.devices, seed=args.seed, pretrain_steps=args.pretrain_steps,
+                       finetune_epochs=args.finetune_epochs,
+                       progress=False if args.no_progress else None)
+    print(result['report_text'])
+
+
+def cmd_evaluate(args):
+    from .config import TrainConfig
+    from .train import evaluate_accuracy, load_classifier, parse_contexts
+    from .train.finetune import load_finetuning_data
+    contexts = parse_contexts(args.devices)
+    net, vocab, config = load_classifier(args.run, contexts)
+    net.hybridize(static_alloc=True, static_shape=True)
+    cfg = TrainConfig.for_task('finetune', data_dir=args.data_dir, train_split=args.split,
+                               eval_split=args.split, batch_size=args.batch_size,
+                               max_len=args.max_len or min(128, config.max_len))
+    _, loader = load_finetuning_data(cfg, vocab)
+    acc = evaluate_accuracy(net, loader, contexts)
+    print(json.dumps({'split': args.split, 'examples': loader.num_examples, 'accuracy': acc}))
+
+
+def cmd_predict(args):
+    from .predict import predict_pairs, read_pairs
+    if args.file:
+        pairs = read_pairs(args.file)
+    elif args.premise and args.hypothesis:
+        pairs = [(args.premise, args.hypothesis)]
+    else:
+        raise ValueError('give a premise and a hypothesis, or --file')
+    for row in predict_pairs(args.run, pairs, max_len=args.max_len, devices=args.devices):
+        print(json.dumps(row))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .train.checkpoint import CheckpointError
+    from .train.common import TrainingInterrupted
+    expected = (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError, KeyError)
+    try:
+        from .data.download import DownloadError
+        expected += (DownloadError,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        if args.command in ('pretrain', 'finetune'):
+            cmd_train(args, args.command)
+        elif args.command == 'reproduce':
+            cmd_reproduce(args)
+        elif args.command == 'evaluate':
+            cmd_evaluate(args)
+        elif args.command == 'predict':
+            cmd_predict(args)
+    except TrainingInterrupted as stop:
+        print(f'gluon-bert: interrupted; state saved in {stop.checkpoint} '
+              '(continue with --resume)', file=sys.stderr)
+        return 130
+    except expected as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f'gluon-bert {args.command}: error: {msg}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Classify premise/hypothesis pairs with a fine-tuned BERTClassifier."""
+from __future__ import annotations
+
+import sys
+
+import mxnet as mx
+
+__all__ = ['predict_pairs', 'read_pairs', 'LABELS']
+
+LABELS = ('entailment', 'contradiction', 'neutral')  # the book's label ids 0, 1, 2
+
+
+def read_pairs(path):
+    """premise<TAB>hypothesis per line; '-' reads standard input."""
+    f = sys.stdin if path == '-' else open(path, encoding='utf-8')
+    pairs = []
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip('\n').split('\t')
+            if len(parts) != 2:
+                raise ValueError(f'{path}:{lineno}: expected premise<TAB>hypothesis, '
+                                 f'got {len(parts)} field(s)')
+            pairs.append((parts[0], parts[1]))
+    if not pairs:
+        raise ValueError(f'{path}: no pairs to classify')
+    return pairs
+
+
+def predict_pairs(run, pairs, max_len=None, devices=None, batch_size=256):
+    from .data import SNLIBERTDataset
+    from .train import load_classifier, parse_contexts
+    contexts = parse_contexts(devices)
+    net, vocab, config = load_classifier(run, contexts)
+    max_len = max_len or min(128, config.max_len)
+    premises, hypotheses = [p for p, _ in pairs], [h for _, h in pairs]
+    data = SNLIBERTDataset((premises, hypotheses, [0] * len(pairs)), max_len, vocab,
+                           num_workers=1)
+    arrays = data.arrays
+    rows = []
+    for lo in range(0, len(pairs), batch_size):
+        sl = slice(lo, lo + batch_size)
+        args = [mx.nd.array(arrays[k][sl], ctx=contexts[0], dtype=arrays[k].dtype)
+                for k in ('tokens', 'segments', 'valid_lens')]
+        probs = mx.nd.softmax(net(*args), axis=-1).asnumpy()
+        for (p, h), pr in zip(pairs[sl], probs):
+            rows.append(dict(premise=p, hypothesis=h, label=LABELS[int(pr.argmax())],
+                             probabilities={name: round(float(x), 4)
+                                            for name, x in zip(LABELS, pr)}))
+    return rows
