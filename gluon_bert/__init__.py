@@ -1,2 +1,8 @@
 """gluon-bert: the BERT chapters of Dive into Deep Learning in MXNet Gluon."""
 __version__ = '0.1.0'
+
+
+def load_pretrained(*args, **kwargs):
+    """(BERTModel, Vocab) from bert.small, bert.base, a zip or a folder: see gluon_bert.pretrained."""
+    from .pretrained import load_pretrained as _load
+    return _load(*args, **kwargs)

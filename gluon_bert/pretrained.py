@@ -1,0 +1,106 @@
+"""`load_pretrained`: the book's `load_pretrained_model` for this package's BERT.
+
+Takes a name from the download hub (`bert.small`, `bert.base`: the book's MXNet zips, checked
+against their SHA-1), a local zip in the same layout, or a folder holding `vocab.json` (the
+idx_to_token list) and `pretrained.params`.
+"""
+from __future__ import annotations
+
+import os
+
+import mxnet as mx
+
+from .config import PRESETS, BERTConfig
+from .model import BERTModel
+
+__all__ = ['load_pretrained', 'PretrainedError']
+
+
+class PretrainedError(ValueError):
+    pass
+
+
+def _preset_for(name_or_path, preset):
+    if preset:
+        return preset
+    base = os.path.basename(os.path.normpath(str(name_or_path)))
+    for suffix in ('.zip',):
+        base = base[:-len(suffix)] if base.endswith(suffix) else base
+    if base in PRESETS:
+        return base
+    raise PretrainedError(f'cannot tell the model shape of {name_or_path}: name it '
+                          f'bert.small / bert.base or pass preset= ({", ".join(PRESETS)})')
+
+
+def _folder(name_or_path, cache_dir):
+    from .data import download
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.isfile(name_or_path):
+        if not name_or_path.endswith('.zip'):
+            raise PretrainedError(f'{name_or_path}: expected a .zip or a folder')
+        return download.extract_zip(name_or_path, cache_dir=cache_dir)
+    if name_or_path in download.DATA_HUB:
+        return download.download_extract(name_or_path, cache_dir=cache_dir)
+    raise PretrainedError(f'{name_or_path!r} is neither a file, a folder nor a hub name '
+                          f'({", ".join(n for n in download.DATA_HUB if n.startswith("bert"))})')
+
+
+def _find(folder, filename):
+    """The file in `folder` or in its single sub-folder (zips often wrap one folder)."""
+    direct = os.path.join(folder, filename)
+    if os.path.isfile(direct):
+        return direct
+    subs = [d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))]
+    for d in subs:
+        candidate = os.path.join(folder, d, filename)
+        if os.path.isfile(candidate):
+            return candidate
+    raise PretrainedError(f'{folder}: no {filename} (expected vocab.json + pretrained.params)')
+
+
+def _check_shapes(bert, params_path):
+    """Compare the file's shapes with the model's before loading, for a readable error."""
+    try:
+        with mx.util.np_array(False), mx.util.np_shape(True):
+            saved = mx.nd.load(params_path)
+    except mx.base.MXNetError:
+        with mx.util.np_array(False), mx.util.np_shape(False):
+            saved = mx.nd.load(params_path)
+    ours = {k: p.shape for k, p in bert._collect_params_with_prefix().items()}
+    bad = [f'{k}: file {tuple(v.shape)} vs model {ours[k]}' for k, v in saved.items()
+           if k in ours and tuple(v.shape) != tuple(ours[k])]
+    missing = sorted(set(ours) - set(saved))
+    unexpected = sorted(set(saved) - set(ours))
+    if bad or missing or unexpected:
+        parts = []
+        if bad:
+            parts.append('shape mismatch ' + '; '.join(bad[:5]) + (' ...' if len(bad) > 5 else ''))
+        if missing:
+            parts.append(f'missing {missing[:5]}')
+        if unexpected:
+            parts.append(f'unexpected {unexpected[:5]}')
+        raise PretrainedError(f'{params_path} does not fit {bert.config.preset}: '
+                              + ', '.join(parts))
+
+
+def load_pretrained(name_or_path, ctx=None, preset=None, dropout=None, cache_dir=None):
+    """(BERTModel, Vocab) as the book's `load_pretrained_model` returns them."""
+    from .data import Vocab
+    folder = _folder(os.fspath(name_or_path), cache_dir)
+    vocab = Vocab.load(_find(folder, 'vocab.json'))
+    config_file = os.path.join(os.path.dirname(_find(folder, 'vocab.json')), 'config.json')
+    if os.path.isfile(config_file):
+        config = BERTConfig.load(config_file)
+    else:
+        config = BERTConfig.from_preset(_preset_for(name_or_path, preset), vocab_size=len(vocab))
+    if dropout is not None:
+        config = config.replace(dropout=dropout)
+    if config.vocab_size != len(vocab):
+        raise PretrainedError(f'{folder}: vocab.json has {len(vocab)} tokens, the config '
+                              f'{config.vocab_size}')
+    bert = BERTModel(config)
+    params_path = _find(folder, 'pretrained.params')
+    _check_shapes(bert, params_path)
+    bert.load_parameters(params_path, ctx=ctx or mx.cpu())
+    return bert, vocab
