@@ -95,14 +95,15 @@ class PretrainStep(_Step):
         total_weight = float(batch['mlm_weights'].sum())
         batch_size = len(batch['tokens'])
         shards = split_batch(batch, self.keys, self.contexts)
-        mlm_ls, nsp_ls = [], []
+        mlm_ls, nsp_ls, totals = [], [], []
         # forward + loss + backward: one graph per device, all launched without waiting
         with autograd.record():
             for (tokens, segments, valid_lens, positions, weights, mlm_y, nsp_y) in shards:
                 _, mlm_Y_hat, nsp_Y_hat = self.net(tokens, segments, valid_lens, positions)
                 mlm_ls.append(mlm_loss(mlm_Y_hat, mlm_y, weights, total_weight))
                 nsp_ls.append(nsp_loss(nsp_Y_hat, nsp_y, batch_size))
-        autograd.backward([m + n for m, n in zip(mlm_ls, nsp_ls)])
+                totals.append(mlm_ls[-1] + nsp_ls[-1])
+        autograd.backward(totals)
         # step: losses are already global means
         self._update(1)
         ctx0 = self.contexts[0]
