@@ -334,18 +334,23 @@ def jax_to_mxnet(params: Mapping[str, Any], config: BERTConfig | None = None,
 # -- MXNet side -------------------------------------------------------------------------------
 
 def mxnet_params(block) -> dict[str, np.ndarray]:
-    """A Gluon block's parameters as {name: numpy array}, with `save_parameters`' names."""
+    """A Gluon block's parameters as {name: numpy array}, with `save_parameters`' names.
+
+    Run one forward pass first: Gluon defers the creation of weights until it sees the input.
+    """
     return {name: p.data().asnumpy() for name, p in block._collect_params_with_prefix().items()}
 
 
 def load_mxnet_params(block, params: Mapping[str, Any]) -> None:
-    """Set a Gluon block's (initialised) parameters from {name: array}; strict on names
-    and shapes."""
+    """Set a Gluon block's initialised parameters from {name: array}; strict on names and
+    shapes. Parameters whose initialisation is still deferred take the arrays when it runs."""
     import mxnet as mx
     own = block._collect_params_with_prefix()
     missing, unexpected = set(own) - set(params), set(params) - set(own)
+    def fits(shape, want):  # 0 in a shape that Gluon has not inferred yet matches anything
+        return len(shape) == len(want) and all(w in (0, s) for s, w in zip(shape, want))
     misshaped = [(n, tuple(np.shape(params[n])), own[n].shape) for n in own
-                 if n in params and tuple(np.shape(params[n])) != tuple(own[n].shape)]
+                 if n in params and not fits(tuple(np.shape(params[n])), tuple(own[n].shape))]
     if missing or unexpected or misshaped:
         _report('into the MXNet block', missing, unexpected, misshaped, type(block).__name__)
     for name, p in own.items():
@@ -355,4 +360,15 @@ def load_mxnet_params(block, params: Mapping[str, Any]) -> None:
 def load_mxnet_file(path) -> dict[str, np.ndarray]:
     """A `save_parameters` file (e.g. the book's bert.small pretrained.params) -> dict."""
     import mxnet as mx
-    return {name: array.asnumpy() for name, array in mx.nd.load(str(path)).items()}
+    from mxnet.util import np_shape
+    # A .params file records whether it was written with numpy shape semantics (the book's
+    # and ours are) and MXNet reads it only in the same mode: try one, then the other.
+    try:
+        with np_shape(True):
+            loaded = mx.nd.load(str(path))
+    except mx.base.MXNetError as err:
+        if 'np shape semantics' not in str(err):
+            raise
+        with np_shape(False):
+            loaded = mx.nd.load(str(path))
+    return {name: array.asnumpy() for name, array in loaded.items()}
