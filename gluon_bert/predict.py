@@ -29,7 +29,7 @@ def read_pairs(path):
 
 
 def predict_pairs(run, pairs, max_len=None, devices=None, batch_size=256):
-    from .data import SNLIBERTDataset
+    from .data.snli import SNLIBERTDataset
     from .train import load_classifier, parse_contexts
     contexts = parse_contexts(devices)
     net, vocab, config = load_classifier(run, contexts)

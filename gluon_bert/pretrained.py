@@ -32,6 +32,28 @@ def _preset_for(name_or_path, preset):
                           f'bert.small / bert.base or pass preset= ({", ".join(PRESETS)})')
 
 
+def _extract_local_zip(path, cache_dir):
+    """Unzip a local archive once into the cache, keyed by its SHA-1; atomically."""
+    import shutil
+    import tempfile
+    from .data import download
+    root = os.path.join(cache_dir or download.cache_dir(), 'local')
+    os.makedirs(root, exist_ok=True)
+    stem = os.path.basename(path)[:-len('.zip')]
+    target = os.path.join(root, f'{stem}-{download.sha1_file(path)[:12]}')
+    if not os.path.isdir(target):
+        tmp = tempfile.mkdtemp(prefix=f'.{stem}.', dir=root)
+        try:
+            download.extract_zip(path, tmp)
+            os.replace(tmp, target)
+        except OSError:
+            if not os.path.isdir(target):  # not a concurrent extraction that won the race
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def _folder(name_or_path, cache_dir):
     from .data import download
     if os.path.isdir(name_or_path):
@@ -39,7 +61,7 @@ def _folder(name_or_path, cache_dir):
     if os.path.isfile(name_or_path):
         if not name_or_path.endswith('.zip'):
             raise PretrainedError(f'{name_or_path}: expected a .zip or a folder')
-        return download.extract_zip(name_or_path, cache_dir=cache_dir)
+        return _extract_local_zip(name_or_path, cache_dir)
     if name_or_path in download.DATA_HUB:
         return download.download_extract(name_or_path, cache_dir=cache_dir)
     raise PretrainedError(f'{name_or_path!r} is neither a file, a folder nor a hub name '
@@ -86,7 +108,7 @@ def _check_shapes(bert, params_path):
 
 def load_pretrained(name_or_path, ctx=None, preset=None, dropout=None, cache_dir=None):
     """(BERTModel, Vocab) as the book's `load_pretrained_model` returns them."""
-    from .data import Vocab
+    from .data.vocab import Vocab
     folder = _folder(os.fspath(name_or_path), cache_dir)
     vocab = Vocab.load(_find(folder, 'vocab.json'))
     config_file = os.path.join(os.path.dirname(_find(folder, 'vocab.json')), 'config.json')

@@ -16,7 +16,7 @@ BOOK = dict(mlm=7.292, nsp=0.822, pairs_per_sec=2417, finetune_loss=0.477,
 def _snli_setup(snli_dir):
     """Train on the train split when there is one; else hold out 1000 dev pairs (the
     shared experiment data has only SNLI dev)."""
-    from .data import read_snli
+    from .data.snli import read_snli
     try:
         read_snli(snli_dir, 'train')
         return dict(train_split='train', eval_split='test'), None

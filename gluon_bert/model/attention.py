@@ -44,10 +44,13 @@ class MultiHeadAttention(LegacyBoundary, nn.HybridBlock):
         self.num_heads = num_heads
         self._scale = 1.0 / math.sqrt(num_hiddens // num_heads)
         with self.name_scope():
-            self.W_q = Dense(num_hiddens, use_bias=use_bias, flatten=False)
-            self.W_k = Dense(num_hiddens, use_bias=use_bias, flatten=False)
-            self.W_v = Dense(num_hiddens, use_bias=use_bias, flatten=False)
-            self.W_o = Dense(num_hiddens, use_bias=use_bias, flatten=False)
+            # Input sizes are given (self-attention: num_hiddens in, num_hiddens out) so
+            # that parameters exist right after initialize(), before any forward pass.
+            dense = dict(use_bias=use_bias, flatten=False, in_units=num_hiddens)
+            self.W_q = Dense(num_hiddens, **dense)
+            self.W_k = Dense(num_hiddens, **dense)
+            self.W_v = Dense(num_hiddens, **dense)
+            self.W_o = Dense(num_hiddens, **dense)
             self.dropout = Dropout(dropout)
 
     def _split_heads(self, F, X):

@@ -59,9 +59,9 @@ class BERTModel(LegacyBoundary, nn.HybridBlock):
         with self.name_scope():
             self.encoder = BERTEncoder(c.vocab_size, c.num_hiddens, c.ffn_num_hiddens,
                                        c.num_heads, c.num_blks, c.dropout, c.max_len)
-            self.hidden = Dense(c.num_hiddens, activation='tanh')
+            self.hidden = Dense(c.num_hiddens, activation='tanh', in_units=c.num_hiddens)
             self.mlm = MaskLM(c.vocab_size, c.num_hiddens)
-            self.nsp = NextSentencePred()
+            self.nsp = NextSentencePred(c.num_hiddens)
 
     def __call__(self, tokens, segments, valid_lens=None, pred_positions=None):
         if pred_positions is None:
@@ -109,11 +109,11 @@ class BERTClassifier(LegacyBoundary, nn.HybridBlock):
                 c = config
                 self.encoder = BERTEncoder(c.vocab_size, c.num_hiddens, c.ffn_num_hiddens,
                                            c.num_heads, c.num_blks, c.dropout, c.max_len)
-                self.hidden = Dense(c.num_hiddens, activation='tanh')
+                self.hidden = Dense(c.num_hiddens, activation='tanh', in_units=c.num_hiddens)
             else:
                 self.encoder = bert.encoder
                 self.hidden = bert.hidden
-            self.output = Dense(config.num_classes)
+            self.output = Dense(config.num_classes, in_units=config.num_hiddens)
 
     def __call__(self, *args):
         if len(args) == 1 and isinstance(args[0], (list, tuple)):

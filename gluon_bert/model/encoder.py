@@ -19,8 +19,10 @@ class PositionWiseFFN(LegacyBoundary, nn.HybridBlock):
     def __init__(self, ffn_num_hiddens, ffn_num_outputs, **kwargs):
         super().__init__(**kwargs)
         with self.name_scope():
-            self.dense1 = Dense(ffn_num_hiddens, flatten=False, activation='relu')
-            self.dense2 = Dense(ffn_num_outputs, flatten=False)
+            # The block is residual: its input has ffn_num_outputs features too.
+            self.dense1 = Dense(ffn_num_hiddens, flatten=False, activation='relu',
+                                in_units=ffn_num_outputs)
+            self.dense2 = Dense(ffn_num_outputs, flatten=False, in_units=ffn_num_hiddens)
 
     def hybrid_forward(self, F, X):
         return self.dense2(self.dense1(X))
@@ -29,11 +31,11 @@ class PositionWiseFFN(LegacyBoundary, nn.HybridBlock):
 class AddNorm(LegacyBoundary, nn.HybridBlock):
     """Residual connection followed by layer normalization: ln(dropout(Y) + X)."""
 
-    def __init__(self, dropout, **kwargs):
+    def __init__(self, dropout, num_features=0, **kwargs):
         super().__init__(**kwargs)
         with self.name_scope():
             self.dropout = Dropout(dropout)
-            self.ln = LayerNorm()
+            self.ln = LayerNorm(in_channels=num_features)
 
     def hybrid_forward(self, F, X, Y):
         return self.ln(self.dropout(Y) + X)
@@ -47,9 +49,9 @@ class TransformerEncoderBlock(LegacyBoundary, nn.HybridBlock):
         super().__init__(**kwargs)
         with self.name_scope():
             self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout, use_bias)
-            self.addnorm1 = AddNorm(dropout)
+            self.addnorm1 = AddNorm(dropout, num_hiddens)
             self.ffn = PositionWiseFFN(ffn_num_hiddens, num_hiddens)
-            self.addnorm2 = AddNorm(dropout)
+            self.addnorm2 = AddNorm(dropout, num_hiddens)
 
     def hybrid_forward(self, F, X, valid_lens=None):
         Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))  # (B, L, H)

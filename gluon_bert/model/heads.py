@@ -20,9 +20,10 @@ class MaskLM(LegacyBoundary, nn.HybridBlock):
         super().__init__(**kwargs)
         with self.name_scope():
             self.mlp = HybridSequential()
-            self.mlp.add(Dense(num_hiddens, flatten=False, activation='relu'))
-            self.mlp.add(LayerNorm())
-            self.mlp.add(Dense(vocab_size, flatten=False))
+            self.mlp.add(Dense(num_hiddens, flatten=False, activation='relu',
+                               in_units=num_hiddens))
+            self.mlp.add(LayerNorm(in_channels=num_hiddens))
+            self.mlp.add(Dense(vocab_size, flatten=False, in_units=num_hiddens))
 
     def hybrid_forward(self, F, X, pred_positions):
         positions = F.cast(pred_positions, 'int32')                           # (B, P)
@@ -37,10 +38,10 @@ class MaskLM(LegacyBoundary, nn.HybridBlock):
 class NextSentencePred(LegacyBoundary, nn.HybridBlock):
     """Two-way classifier of whether the second sentence follows the first."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, num_inputs=0, **kwargs):
         super().__init__(**kwargs)
         with self.name_scope():
-            self.output = Dense(2)
+            self.output = Dense(2, in_units=num_inputs)
 
     def hybrid_forward(self, F, X):
         return self.output(X)  # (B, H) -> (B, 2)

@@ -24,7 +24,7 @@ __all__ = ['finetune', 'load_bert', 'load_classifier', 'evaluate_accuracy',
 def load_bert(source: str, contexts):
     """(BERTModel, vocab) from a pretraining run / checkpoint folder of ours, or anything
     `gluon_bert.load_pretrained` takes (bert.small, bert.base, a zip or folder)."""
-    from ..data import Vocab
+    from ..data.vocab import Vocab
     ckpt = latest_checkpoint(source) if source and os.path.isdir(source) else None
     if ckpt is not None:
         state = read_state(ckpt)
@@ -40,7 +40,7 @@ def load_bert(source: str, contexts):
 
 def load_classifier(source: str, contexts):
     """(BERTClassifier, vocab, config) from a fine-tuning run or checkpoint folder."""
-    from ..data import Vocab
+    from ..data.vocab import Vocab
     ckpt = latest_checkpoint(source)
     if ckpt is None:
         raise CheckpointError(f'no complete checkpoint in {source}')

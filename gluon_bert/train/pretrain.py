@@ -54,7 +54,7 @@ def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool | None = Non
     ckpt = find_resume(cfg, resume)
     vocab = None
     if ckpt is not None:
-        from ..data import Vocab
+        from ..data.vocab import Vocab
         vocab = Vocab.load(os.path.join(ckpt, 'vocab.json'))
     loader, vocab = load_pretraining_data(cfg, vocab)
     config = BERTConfig.from_preset(cfg.preset, vocab_size=len(vocab))

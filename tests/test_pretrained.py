@@ -1,0 +1,161 @@
+"""load_pretrained against a zip in the book's layout served from 127.0.0.1."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import threading
+import zipfile
+
+import mxnet as mx
+import numpy as onp
+import pytest
+from mxnet import init
+
+from gluon_bert import load_pretrained
+from gluon_bert.config import BERTConfig
+from gluon_bert.data import download
+from gluon_bert.model import BERTModel
+from gluon_bert.pretrained import PretrainedError
+
+TOKENS = ['<unk>', '<pad>', '<mask>', '<cls>', '<sep>'] + [f'w{i}' for i in range(40)]
+
+
+def book_zip(tmp_path, name='bert.tiny', preset='tiny', vocab=TOKENS, truncate=False):
+    """A zip like the book's bert.small.zip: <name>/vocab.json + <name>/pretrained.params."""
+    net = BERTModel(BERTConfig.from_preset(preset, vocab_size=len(vocab)))
+    net.initialize(init.Xavier())
+    params = str(tmp_path / f'{name}-{preset}.params')
+    net.save_parameters(params)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, 'w') as zf:
+        zf.writestr(f'{name}/vocab.json', json.dumps(vocab))
+        zf.write(params, f'{name}/pretrained.params')
+    data = buf.getvalue()
+    return (data[:len(data) // 2] if truncate else data), net
+
+
+class Server:
+    """Serves {path: bytes} on 127.0.0.1 and counts requests."""
+
+    def __init__(self, files):
+        self.files, self.requests = files, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests.append(self.path)
+                body = outer.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    srv = Server({})
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / 'cache'
+    monkeypatch.setenv('GLUON_BERT_HOME', str(folder))
+    monkeypatch.delenv('GLUON_BERT_OFFLINE', raising=False)
+    yield folder
+    for name in [n for n in download.DATA_HUB if n.startswith('test.')]:
+        del download.DATA_HUB[name]
+
+
+def _register(server, name, data, sha1=None, path=None):
+    path = path or f'/{name}.zip'
+    server.files[path] = data
+    download.register(name, server.url + path, sha1 or hashlib.sha1(data).hexdigest(),
+                      filename=f'{name}.zip', folder='bert.tiny')
+
+
+def test_download_verify_cache_and_reload_without_request(server, cache, tmp_path):
+    data, net = book_zip(tmp_path)
+    _register(server, 'test.bert', data)
+    bert, vocab = load_pretrained('test.bert', preset='tiny')
+    assert vocab.idx_to_token == TOKENS and len(server.requests) == 1
+    tokens = mx.nd.array(onp.random.RandomState(0).randint(0, len(TOKENS), (2, 7)))
+    segments = mx.nd.zeros((2, 7))
+    valid = mx.nd.array([7, 4])
+    net_out, ours = net(tokens, segments, valid), bert(tokens, segments, valid)
+    onp.testing.assert_allclose(ours[0].asnumpy(), net_out[0].asnumpy(), atol=1e-6)
+    # second load: from the cache, no request at all
+    load_pretrained('test.bert', preset='tiny')
+    assert len(server.requests) == 1
+
+
+def test_local_zip_and_folder(cache, tmp_path):
+    data, _ = book_zip(tmp_path, name='bert.tiny')
+    path = tmp_path / 'bert.tiny.zip'
+    path.write_bytes(data)
+    bert, vocab = load_pretrained(str(path), preset='tiny')
+    assert len(vocab) == len(TOKENS)
+    folder = tmp_path / 'unzipped'
+    with zipfile.ZipFile(path) as zf:
+        zf.extractall(folder)
+    bert2, _ = load_pretrained(str(folder / 'bert.tiny'), preset='tiny')
+    for (k, a), b in zip(bert._collect_params_with_prefix().items(),
+                         bert2._collect_params_with_prefix().values()):
+        assert onp.array_equal(a.data().asnumpy(), b.data().asnumpy()), k
+    with pytest.raises(PretrainedError, match='model shape'):
+        load_pretrained(str(folder / 'bert.tiny'))  # no preset, no config.json
+
+
+def _no_valid_file_left(cache):
+    for root, _, files in os.walk(cache):
+        for f in files:
+            assert not f.endswith(('.zip', '.params', 'vocab.json')), os.path.join(root, f)
+
+
+def test_wrong_checksum_is_clear_and_leaves_nothing(server, cache, tmp_path):
+    data, _ = book_zip(tmp_path)
+    _register(server, 'test.bad', data, sha1='0' * 40)
+    with pytest.raises(download.ChecksumError) as err:
+        load_pretrained('test.bad', preset='tiny')
+    msg = str(err.value)
+    assert 'test.bad.zip' in msg and '0' * 40 in msg and hashlib.sha1(data).hexdigest() in msg
+    _no_valid_file_left(cache)
+
+
+def test_404_and_truncated_zip(server, cache, tmp_path):
+    download.register('test.missing', server.url + '/nothing.zip', '1' * 40,
+                      filename='test.missing.zip', folder='bert.tiny')
+    with pytest.raises(download.DownloadError, match='404'):
+        load_pretrained('test.missing', preset='tiny')
+    truncated, _ = book_zip(tmp_path, truncate=True)
+    # served with its own digest: the checksum passes, the archive itself is broken
+    _register(server, 'test.truncated', truncated)
+    with pytest.raises((download.DownloadError, zipfile.BadZipFile)):
+        load_pretrained('test.truncated', preset='tiny')
+    for root, dirs, _ in os.walk(cache):
+        assert 'bert.tiny' not in dirs, root  # no half-extracted folder that looks valid
+
+
+def test_params_that_do_not_fit_the_preset(server, cache, tmp_path):
+    data, _ = book_zip(tmp_path, preset='tiny')
+    _register(server, 'test.shape', data)
+    with pytest.raises(PretrainedError, match='does not fit'):
+        load_pretrained('test.shape', preset='bert.small')
