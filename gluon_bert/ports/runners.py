@@ -130,7 +130,7 @@ class TorchRunner:
         loss.backward()
         grads = {name: p.grad for name, p in self.model.named_parameters()}
         self.model.zero_grad(set_to_none=True)
-        return (metrics_to_floats(metrics),
+        return (metrics_to_floats({k: v.detach() for k, v in metrics.items()}),
                 convert.torch_to_mxnet(grads, self.config, self.task))
 
     def predict(self, batch: Mapping[str, np.ndarray]):
