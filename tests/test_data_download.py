@@ -1,0 +1,161 @@
+"""The download module against a local HTTP server on 127.0.0.1."""
+import hashlib
+import importlib
+import io
+import os
+import zipfile
+
+import pytest
+
+from data_fixtures import local_server
+# `gluon_bert.data.download` is also the name of the function re-exported by the package.
+dl = importlib.import_module("gluon_bert.data.download")
+
+DATA = os.urandom(3_000_000)
+SHA1 = hashlib.sha1(DATA).hexdigest()
+
+
+@pytest.fixture
+def server():
+    with local_server() as srv:
+        yield srv
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Isolate DATA_HUB changes and the environment."""
+    monkeypatch.setattr(dl, 'DATA_HUB', dict(dl.DATA_HUB))
+    monkeypatch.delenv('GLUON_BERT_OFFLINE', raising=False)
+    return dl.DATA_HUB
+
+
+def test_hub_matches_the_book():
+    assert dl.DATA_HUB['SNLI'].sha1 == '9fcde07509c7e87ec61c640c1b2753d9041758e4'
+    assert dl.DATA_HUB['bert.small'].urls == (
+        'http://d2l-data.s3-accelerate.amazonaws.com/bert.small.zip',)
+    assert dl.DATA_HUB['bert.small'].sha1 == 'a4e718a47137ccd1809c9107ab4f5edd317bae2c'
+    assert dl.DATA_HUB['bert.base.torch'].sha1 == '225d66f04cae318b841a13d32af3acc165f253ac'
+    assert dl.DATA_HUB['wikitext-2'].sha1 == '3c914d17d80b1459be871a5039ac23e752a53cbe'
+    assert len(dl.DATA_HUB['wikitext-2'].urls) >= 2
+
+
+def test_download_then_cache_reuse_without_requests(server, hub, tmp_path):
+    server.routes['/f.bin'] = ('bytes', DATA)
+    dl.register('thing', server.url + '/f.bin', SHA1)
+    path = dl.download('thing', str(tmp_path))
+    assert open(path, 'rb').read() == DATA and len(server.requests) == 1
+    assert dl.download('thing', str(tmp_path)) == path
+    assert len(server.requests) == 1  # cached file with the right SHA-1: no request
+    assert sorted(os.listdir(tmp_path)) == ['f.bin', 'f.bin.lock']
+
+
+def test_redirect_and_mirror_order(server, hub, tmp_path):
+    server.routes['/old'] = ('status', 403)
+    server.routes['/moved'] = ('redirect', server.url + '/f.bin')
+    server.routes['/f.bin'] = ('bytes', DATA)
+    dl.register('thing', [server.url + '/old', server.url + '/moved'], SHA1, filename='f.bin')
+    path = dl.download('thing', str(tmp_path))
+    assert dl.sha1_file(path) == SHA1
+    assert [p for p, _ in server.requests] == ['/old', '/moved', '/f.bin']
+
+
+@pytest.mark.parametrize('code', [403, 404])
+def test_http_errors_are_never_saved(server, hub, tmp_path, code):
+    if code == 403:
+        server.routes['/f.bin'] = ('status', 403)
+    dl.register('thing', server.url + '/f.bin', SHA1)
+    with pytest.raises(dl.DownloadError, match=f'HTTP {code}.*/f.bin'):
+        dl.download('thing', str(tmp_path))
+    assert [f for f in os.listdir(tmp_path) if not f.endswith('.lock')] == []
+
+
+def test_wrong_sha1_is_not_kept(server, hub, tmp_path):
+    server.routes['/f.bin'] = ('bytes', DATA)
+    dl.register('thing', server.url + '/f.bin', '0' * 40)
+    with pytest.raises(dl.ChecksumError) as err:
+        dl.download('thing', str(tmp_path))
+    e = err.value
+    assert e.expected == '0' * 40 and e.actual == SHA1 and e.path.endswith('f.bin')
+    assert 'f.bin' in str(e) and SHA1 in str(e) and '0' * 40 in str(e)
+    assert not os.path.exists(os.path.join(tmp_path, 'f.bin'))
+    assert not os.path.exists(os.path.join(tmp_path, 'f.bin.part'))
+
+
+def test_truncated_body_then_resume_with_range(server, hub, tmp_path):
+    server.routes['/f.bin'] = ('truncate', DATA, 1_000_000)
+    dl.register('thing', server.url + '/f.bin', SHA1)
+    with pytest.raises(dl.DownloadError, match='truncated|interrupted'):
+        dl.download('thing', str(tmp_path))
+    part = os.path.join(tmp_path, 'f.bin.part')
+    assert not os.path.exists(os.path.join(tmp_path, 'f.bin'))
+    assert 0 < os.path.getsize(part) <= 1_000_000
+    have = os.path.getsize(part)
+    server.routes['/f.bin'] = ('bytes', DATA)  # the server is back
+    path = dl.download('thing', str(tmp_path))
+    assert open(path, 'rb').read() == DATA and not os.path.exists(part)
+    assert server.requests[-1] == ('/f.bin', f'bytes={have}-')
+
+
+def test_interrupted_download_restarts_when_range_is_ignored(server, hub, tmp_path):
+    part = os.path.join(tmp_path, 'f.bin.part')
+    with open(part, 'wb') as f:
+        f.write(b'garbage from an older, different file')
+    server.routes['/f.bin'] = ('bytes', DATA, False)  # answers 200 with the whole body
+    dl.register('thing', server.url + '/f.bin', SHA1)
+    assert dl.sha1_file(dl.download('thing', str(tmp_path))) == SHA1
+
+
+def test_stale_partial_file_restarts_cleanly(server, hub, tmp_path):
+    part = os.path.join(tmp_path, 'f.bin.part')
+    with open(part, 'wb') as f:
+        f.write(b'x' * 1000)  # wrong bytes; a resume cannot match the SHA-1
+    server.routes['/f.bin'] = ('bytes', DATA)
+    dl.register('thing', server.url + '/f.bin', SHA1)
+    assert dl.sha1_file(dl.download('thing', str(tmp_path))) == SHA1
+    assert [r for _, r in server.requests] == ['bytes=1000-', None]
+
+
+def test_offline_mode_says_what_to_place_where(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv('GLUON_BERT_OFFLINE', '1')
+    with pytest.raises(dl.DownloadError) as err:
+        dl.download('bert.small', str(tmp_path))
+    msg = str(err.value)
+    assert 'bert.small.zip' in msg and str(tmp_path) in msg and dl.DATA_HUB['bert.small'].sha1 in msg
+
+
+def _zip(members):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, 'w') as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_download_extract_returns_the_checkpoint_folder(server, hub, tmp_path, monkeypatch):
+    blob = _zip({'bert.small/vocab.json': '["<unk>"]', 'bert.small/pretrained.params': 'p'})
+    server.routes['/bert.small.zip'] = ('bytes', blob)
+    dl.register('bert.small', server.url + '/bert.small.zip', hashlib.sha1(blob).hexdigest(),
+                folder='bert.small')
+    monkeypatch.setenv('GLUON_BERT_HOME', str(tmp_path))
+    folder = dl.download_extract('bert.small')
+    assert folder == os.path.join(tmp_path, 'bert.small', 'bert.small')
+    assert sorted(os.listdir(folder)) == ['pretrained.params', 'vocab.json']
+    n = len(server.requests)
+    assert dl.download_extract('bert.small') == folder and len(server.requests) == n
+    assert not [f for f in os.listdir(tmp_path) if f.startswith('.')]  # no temp folders left
+
+
+@pytest.mark.parametrize('name', ['../evil.txt', '/abs.txt', 'a/../../evil.txt'])
+def test_unsafe_archive_paths_are_refused(server, hub, tmp_path, name):
+    blob = _zip({'ok/a.txt': 'a', name: 'x'})
+    server.routes['/x.zip'] = ('bytes', blob)
+    dl.register('x', server.url + '/x.zip', hashlib.sha1(blob).hexdigest())
+    with pytest.raises(dl.DownloadError, match='unsafe path|outside'):
+        dl.download_extract('x', str(tmp_path))
+    assert not os.path.exists(os.path.join(tmp_path, 'x'))
+    assert not os.path.exists(os.path.join(os.path.dirname(tmp_path), 'evil.txt'))
+
+
+def test_unknown_names():
+    with pytest.raises(KeyError, match='unknown hub entry'):
+        dl.download('no-such-thing')
