@@ -24,6 +24,7 @@ read the metrics later with `metrics_to_floats`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import numpy as np
@@ -153,6 +154,43 @@ class TorchRunner:
             self._torch.cuda.synchronize(self.device)
 
 
+@functools.lru_cache(maxsize=None)
+def _jax_functions(config: BERTConfig, task: str):
+    """The jitted step, gradient and prediction functions of one model, shared by every
+    runner of that (config, task) so that XLA compiles them once per process."""
+    import jax
+    from . import jax_bert
+    model = jax_bert.BERTModel(config) if task == 'pretrain' else jax_bert.BERTClassifier(config)
+
+    def losses(params, b, rng):
+        """Forward and the book's loss -> (loss, {'loss', 'mlm', 'nsp'} or {'loss'})."""
+        if task == 'pretrain':
+            _, mlm_Y_hat, nsp_Y_hat = model.apply(params, b['tokens'], b['segments'],
+                                                  b['valid_lens'], b['pred_positions'], rng)
+            loss, mlm, nsp = jax_bert.pretrain_loss(mlm_Y_hat, nsp_Y_hat, b['mlm_labels'],
+                                                    b['mlm_weights'], b['nsp_labels'])
+            return loss, {'loss': loss, 'mlm': mlm, 'nsp': nsp}
+        logits = model.apply(params, b['tokens'], b['segments'], b['valid_lens'], rng)
+        loss = jax_bert.finetune_loss(logits, b['labels'])
+        return loss, {'loss': loss}
+
+    grad = jax.value_and_grad(losses, has_aux=True)
+
+    def step(params, opt_state, b, rng, lr_t):
+        (_, metrics), grads = grad(params, b, rng)
+        params, opt_state = jax_bert.mxnet_adam_update(params, grads, opt_state, lr_t)
+        return params, opt_state, metrics
+
+    def predict(params, b):
+        if task == 'finetune':
+            return model.apply(params, b['tokens'], b['segments'], b['valid_lens'])
+        _, mlm_Y_hat, nsp_Y_hat = model.apply(params, b['tokens'], b['segments'],
+                                              b['valid_lens'], b.get('pred_positions'))
+        return mlm_Y_hat, nsp_Y_hat
+
+    return model, jax.jit(step), jax.jit(grad), jax.jit(predict)
+
+
 class JaxRunner:
     """The JAX port behind the runner interface; the whole step is one `jax.jit` function."""
     name = 'jax'
@@ -165,39 +203,11 @@ class JaxRunner:
         self.config, self.task, self.lr, self.seed = config, task, lr, seed
         self._jax, self._ports = jax, jax_bert
         self.device = jax.devices()[0] if device is None else device
-        self.model = (jax_bert.BERTModel(config) if task == 'pretrain'
-                      else jax_bert.BERTClassifier(config))
+        self.model, self._step, self._grad, self._predict = _jax_functions(config, task)
         self._params = jax.device_put(convert.mxnet_to_jax(params, config, task), self.device)
         self._opt_state = jax_bert.mxnet_adam_init(self._params)
         self._rng = jax.random.PRNGKey(seed)
         self._t = 0  # Adam's step count, on the host: MXNet computes lr_t in double there
-        self._step = jax.jit(self._step_fn)
-        self._grad = jax.jit(jax.value_and_grad(self._loss_fn, has_aux=True))
-        self._predict = jax.jit(self._predict_fn)
-
-    def _loss_fn(self, params, b, rng):
-        """Forward and the book's loss -> (loss, {'loss', 'mlm', 'nsp'} or {'loss'})."""
-        if self.task == 'pretrain':
-            _, mlm_Y_hat, nsp_Y_hat = self.model.apply(params, b['tokens'], b['segments'],
-                                                       b['valid_lens'], b['pred_positions'], rng)
-            loss, mlm, nsp = self._ports.pretrain_loss(mlm_Y_hat, nsp_Y_hat, b['mlm_labels'],
-                                                       b['mlm_weights'], b['nsp_labels'])
-            return loss, {'loss': loss, 'mlm': mlm, 'nsp': nsp}
-        logits = self.model.apply(params, b['tokens'], b['segments'], b['valid_lens'], rng)
-        loss = self._ports.finetune_loss(logits, b['labels'])
-        return loss, {'loss': loss}
-
-    def _step_fn(self, params, opt_state, b, rng, lr_t):
-        (_, metrics), grads = self._jax.value_and_grad(self._loss_fn, has_aux=True)(params, b, rng)
-        params, opt_state = self._ports.mxnet_adam_update(params, grads, opt_state, lr_t)
-        return params, opt_state, metrics
-
-    def _predict_fn(self, params, b):
-        if self.task == 'finetune':
-            return self.model.apply(params, b['tokens'], b['segments'], b['valid_lens'])
-        _, mlm_Y_hat, nsp_Y_hat = self.model.apply(params, b['tokens'], b['segments'],
-                                                   b['valid_lens'], b.get('pred_positions'))
-        return mlm_Y_hat, nsp_Y_hat
 
     def _batch(self, batch, keys):
         return {k: self._jax.device_put(np.asarray(batch[k]), self.device)

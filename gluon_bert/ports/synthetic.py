@@ -46,7 +46,10 @@ def synthetic_batch(rng: np.random.Generator, config: BERTConfig, task: str = 'p
     for b in range(B):
         positions[b, :num_real[b]] = rng.choice(int(valid_lens[b]), num_real[b], replace=False)
         weights[b, :num_real[b]] = 1.0
+    # The labels are the tokens at the predicted positions, left unmasked: a copy task that
+    # a model can learn in a few steps, so that loss curves go somewhere.
+    labels = np.take_along_axis(tokens, positions, axis=1) * (weights > 0)  # (B, P)
     batch.update(pred_positions=positions, mlm_weights=weights,
-                 mlm_labels=(rng.integers(0, V, (B, P)) * (weights > 0)).astype(np.int32),
+                 mlm_labels=labels.astype(np.int32),
                  nsp_labels=rng.integers(0, 2, B).astype(np.int32))
     return batch
