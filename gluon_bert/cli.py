@@ -42,7 +42,8 @@ def _add_train_args(p, task):
     g.add_argument('--devices', help="'auto' (all GPUs, else CPU) or e.g. 'cpu(0),cpu(1)'")
     g.add_argument('--kvstore', help="gradient reduction: device, local, dist_sync, ...")
     g.add_argument('--seed', type=int)
-    g.add_argument('--framework', choices=('mxnet', 'torch', 'jax'), default='mxnet')
+    if task != 'both':
+        g.add_argument('--framework', choices=('mxnet', 'torch', 'jax'), default='mxnet')
     g.add_argument('--no-progress', action='store_true', help='no progress bar')
     h = p.add_argument_group('hyper-parameters (the book\'s by default)')
     h.add_argument('--batch-size', type=int)
@@ -57,10 +58,10 @@ def _add_train_args(p, task):
     h.add_argument('--bucket', action='store_true', default=None,
                    help='length-bucketed batches (use with --pad-to longest)')
     h.add_argument('--train-limit', type=int, help='use only the first N training examples')
-    if task == 'pretrain':
+    if task in ('pretrain', 'both'):
         h.add_argument('--preset', help='model shape: d2l.pretrain, bert.small, bert.base, tiny')
         h.add_argument('--num-steps', type=int)
-    else:
+    if task in ('finetune', 'both'):
         h.add_argument('--init', help='pretraining run folder, bert.small, bert.base, or a '
                                       'zip/folder in the book\'s layout')
         h.add_argument('--num-epochs', type=int)
@@ -88,6 +89,12 @@ def build_parser():
     p.add_argument('--pretrain-steps', type=int, help='override the recipe\'s step count')
     p.add_argument('--finetune-epochs', type=int, help='override the recipe\'s epochs')
     p.add_argument('--no-progress', action='store_true')
+
+    p = sub.add_parser('compare', help='one experiment in MXNet, PyTorch and JAX')
+    p.add_argument('task', choices=('pretrain', 'finetune'))
+    p.add_argument('--frameworks', default='mxnet,torch,jax')
+    _add_train_args(p, 'both')
+    p.set_defaults(out_dir=None)
 
     p = sub.add_parser('evaluate', help='accuracy of a fine-tuned classifier')
     p.add_argument('run', help='fine-tuning run or checkpoint folder')
@@ -117,7 +124,7 @@ def _train_config(args, task):
 def _run_training(cfg, resume, progress):
     from .train import finetune, pretrain
     if cfg.framework != 'mxnet':
-        from .ports.cli_bridge import run_training  # the ports' loop over the same data
+        from .train.frameworks import run_training  # one loop over every framework
         return run_training(cfg, resume=resume, progress=progress)
     fn = pretrain if cfg.task == 'pretrain' else finetune
     return fn(cfg, resume=resume, progress=progress)
@@ -141,6 +148,19 @@ def cmd_reproduce(args):
                        finetune_epochs=args.finetune_epochs,
                        progress=False if args.no_progress else None)
     print(result['report_text'])
+
+
+def cmd_compare(args):
+    from .compare import compare
+    fields = {k: v for k, v in vars(args).items()
+              if k not in ('command', 'resume', 'no_progress', 'task', 'frameworks')}
+    fields['out_dir'] = fields.get('out_dir') or f'runs/compare-{args.task}'
+    if args.task == 'pretrain':
+        for key in ('init', 'num_epochs', 'train_split', 'eval_split', 'holdout'):
+            fields.pop(key, None)
+    result = compare(args.task, frameworks=tuple(args.frameworks.split(',')),
+                     progress=False if args.no_progress else None, **fields)
+    print(result['table'])
 
 
 def cmd_evaluate(args):
@@ -185,6 +205,8 @@ def main(argv=None):
             cmd_train(args, args.command)
         elif args.command == 'reproduce':
             cmd_reproduce(args)
+        elif args.command == 'compare':
+            cmd_compare(args)
         elif args.command == 'evaluate':
             cmd_evaluate(args)
         elif args.command == 'predict':

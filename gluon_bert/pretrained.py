@@ -36,15 +36,15 @@ def _extract_local_zip(path, cache_dir):
     """Unzip a local archive once into the cache, keyed by its SHA-1; atomically."""
     import shutil
     import tempfile
-    from .data import download
-    root = os.path.join(cache_dir or download.cache_dir(), 'local')
+    from .data.download import cache_dir as default_cache, extract_zip, sha1_file
+    root = os.path.join(cache_dir or default_cache(), 'local')
     os.makedirs(root, exist_ok=True)
     stem = os.path.basename(path)[:-len('.zip')]
-    target = os.path.join(root, f'{stem}-{download.sha1_file(path)[:12]}')
+    target = os.path.join(root, f'{stem}-{sha1_file(path)[:12]}')
     if not os.path.isdir(target):
         tmp = tempfile.mkdtemp(prefix=f'.{stem}.', dir=root)
         try:
-            download.extract_zip(path, tmp)
+            extract_zip(path, tmp)
             os.replace(tmp, target)
         except OSError:
             if not os.path.isdir(target):  # not a concurrent extraction that won the race
@@ -55,17 +55,17 @@ def _extract_local_zip(path, cache_dir):
 
 
 def _folder(name_or_path, cache_dir):
-    from .data import download
+    from .data.download import DATA_HUB, download_extract
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.isfile(name_or_path):
         if not name_or_path.endswith('.zip'):
             raise PretrainedError(f'{name_or_path}: expected a .zip or a folder')
         return _extract_local_zip(name_or_path, cache_dir)
-    if name_or_path in download.DATA_HUB:
-        return download.download_extract(name_or_path, cache_dir=cache_dir)
+    if name_or_path in DATA_HUB:
+        return download_extract(name_or_path, cache_dir=cache_dir)
     raise PretrainedError(f'{name_or_path!r} is neither a file, a folder nor a hub name '
-                          f'({", ".join(n for n in download.DATA_HUB if n.startswith("bert"))})')
+                          f'({", ".join(n for n in DATA_HUB if n.startswith("bert"))})')
 
 
 def _find(folder, filename):

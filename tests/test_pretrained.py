@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import importlib
 import io
 import json
 import os
@@ -16,9 +17,11 @@ from mxnet import init
 
 from gluon_bert import load_pretrained
 from gluon_bert.config import BERTConfig
-from gluon_bert.data import download
 from gluon_bert.model import BERTModel
 from gluon_bert.pretrained import PretrainedError
+
+# the module, not the function of the same name that gluon_bert.data re-exports
+download = importlib.import_module('gluon_bert.data.download')
 
 TOKENS = ['<unk>', '<pad>', '<mask>', '<cls>', '<sep>'] + [f'w{i}' for i in range(40)]
 

@@ -106,6 +106,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool | None = Non
         bert, vocab = load_bert(cfg.init, contexts)
         config = bert.config
         net = BERTClassifier(bert)
+        mx.random.seed(cfg.seed, ctx='all')  # the new output layer's weights follow the seed
         net.output.initialize(init.Xavier(), ctx=contexts)
     train_loader, test_loader = load_finetuning_data(cfg, vocab)
     if cfg.max_len > config.max_len:

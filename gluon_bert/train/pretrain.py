@@ -61,6 +61,7 @@ def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool | None = Non
     if ckpt is not None and load_config(ckpt) != config:
         raise CheckpointError(f'{ckpt} was made for another model: {load_config(ckpt)}')
     net = BERTModel(config)
+    mx.random.seed(cfg.seed, ctx='all')  # the initial weights are a function of the seed
     net.initialize(init.Xavier(), ctx=contexts)
     net.hybridize(static_alloc=True, static_shape=True)
     trainer = make_trainer(net.collect_params(), cfg.lr, kvstore)

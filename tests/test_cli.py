@@ -1,0 +1,101 @@
+"""Every command on the shipped sample, bad input, and a run killed mid-checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mxnet as mx
+import numpy as onp
+import pytest
+
+from gluon_bert.cli import main
+from gluon_bert.config import TrainConfig
+from gluon_bert.model import BERTModel
+from gluon_bert.train import finetune, latest_checkpoint, pretrain
+
+PRE = ['--preset', 'tiny', '--batch-size', '64', '--max-len', '32', '--lr', '2e-3',
+       '--log-interval', '5', '--no-progress']
+
+
+@pytest.fixture(scope='module')
+def pretrained_run(tmp_path_factory):
+    """A small pretraining run on the shipped sample, shared by the fine-tuning tests."""
+    out = str(tmp_path_factory.mktemp('runs') / 'pre')
+    assert main(['pretrain', '--out-dir', out, '--num-steps', '30', *PRE]) == 0
+    return out
+
+
+def test_pretrain_command_writes_run(pretrained_run):
+    rows = [json.loads(l) for l in open(os.path.join(pretrained_run, 'metrics.jsonl'))]
+    assert [r['step'] for r in rows] == [5, 10, 15, 20, 25, 30]
+    assert rows[-1]['train_mlm'] < rows[0]['train_mlm']  # the losses fall
+    assert os.path.isfile(os.path.join(pretrained_run, 'loss.png'))
+    assert latest_checkpoint(pretrained_run).endswith('ckpt-0000030')
+
+
+def test_finetune_learns_and_leaves_pretraining_heads_untouched(pretrained_run, tmp_path):
+    cfg = TrainConfig.for_task('finetune', init=pretrained_run, out_dir=str(tmp_path / 'ft'),
+                               batch_size=64, max_len=48, lr=3e-3, num_epochs=5,
+                               pad_to='longest', bucket=True)
+    bert_file = os.path.join(latest_checkpoint(pretrained_run), 'model.params')
+    result = finetune(cfg, progress=False)
+    assert result['eval_acc'] > 0.5  # 3 balanced classes: chance is 1/3
+    # the heads of the BERT that was fine-tuned are bit-identical to the checkpoint's
+    before = BERTModel(result['bert'].config)
+    before.load_parameters(bert_file)
+    after = result['bert']._collect_params_with_prefix()
+    for name, p in before._collect_params_with_prefix().items():
+        if name.startswith(('mlm.', 'nsp.')):
+            assert onp.array_equal(p.data().asnumpy(), after[name].data().asnumpy()), name
+    encoder_moved = any(not onp.array_equal(p.data().asnumpy(), after[n].data().asnumpy())
+                        for n, p in before._collect_params_with_prefix().items()
+                        if n.startswith('encoder.'))
+    assert encoder_moved
+    # evaluate and predict read the run
+    assert main(['evaluate', cfg.out_dir, '--max-len', '48']) == 0
+    pairs = tmp_path / 'pairs.tsv'
+    pairs.write_text('a b c .\td e .\nf g .\th i .\n')
+    assert main(['predict', cfg.out_dir, '--file', str(pairs)]) == 0
+
+
+def test_bad_input_is_one_clear_line(tmp_path, capsys, pretrained_run):
+    assert main(['pretrain', '--batch-size', '0', '--out-dir', str(tmp_path / 'a')]) == 2
+    assert 'batch_size must be a positive integer' in capsys.readouterr().err
+    assert main(['finetune', '--init', 'no-such-model', '--out-dir', str(tmp_path / 'b')]) == 2
+    assert 'no-such-model' in capsys.readouterr().err
+    assert main(['pretrain', '--data-dir', str(tmp_path), '--out-dir', str(tmp_path / 'c')]) == 2
+    assert 'wiki.train.tokens' in capsys.readouterr().err
+    # a checkpoint made for another model
+    assert main(['pretrain', '--out-dir', pretrained_run, '--resume', '--preset', 'd2l.pretrain',
+                 '--num-steps', '31', '--no-progress']) == 2
+    assert 'another model' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(['pretrain', '--devices'])
+
+
+def test_sigkill_mid_checkpoint_resumes_from_last_good(tmp_path):
+    out = str(tmp_path / 'killed')
+    cmd = [sys.executable, '-m', 'gluon_bert.cli', 'pretrain', '--out-dir', out,
+           '--num-steps', '400', '--checkpoint-interval', '1', *PRE]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        # kill while it writes checkpoints every step: some moment of some write
+        while time.time() < deadline and not (os.path.isdir(out) and
+                                              len(os.listdir(out)) >= 3):
+            time.sleep(0.05)
+        time.sleep(0.37)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    good = latest_checkpoint(out)
+    assert good is not None
+    done = json.load(open(os.path.join(good, 'state.json')))['step']
+    cfg = TrainConfig.for_task('pretrain', preset='tiny', batch_size=64, max_len=32, lr=2e-3,
+                               log_interval=5, out_dir=out, num_steps=done + 2)
+    result = pretrain(cfg, resume=True, progress=False)
+    assert result['step'] == done + 2
