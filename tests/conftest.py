@@ -7,9 +7,6 @@ import random
 import numpy as onp
 import pytest
 
-os.environ.setdefault('MXNET_ENGINE_TYPE', 'ThreadedEnginePerDevice')
-os.environ.setdefault('OMP_NUM_THREADS', '2')
-
 import mxnet as mx  # noqa: E402
 
 SEED = int(os.environ.get('GLUON_BERT_TEST_SEED', '0'))
