@@ -90,8 +90,8 @@ class TorchRunner:
     def _batch(self, batch):
         torch = self._torch
         out = {}
-        for key, value in batch.items():
-            tensor = torch.as_tensor(np.asarray(value))
+        for key in set(PRETRAIN_KEYS + FINETUNE_KEYS) & set(batch):  # other keys stay home
+            tensor = torch.as_tensor(np.asarray(batch[key]))
             if key in ('tokens', 'segments', 'pred_positions'):
                 tensor = tensor.long()  # index dtype of embeddings and gathers
             out[key] = tensor.to(self.device, non_blocking=True)
