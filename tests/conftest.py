@@ -7,6 +7,10 @@ import random
 import numpy as onp
 import pytest
 
+# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
+# made MXNet steps tens of times slower.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
 import mxnet as mx  # noqa: E402
 
 SEED = int(os.environ.get('GLUON_BERT_TEST_SEED', '0'))
