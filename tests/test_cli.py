@@ -13,7 +13,7 @@ import numpy as onp
 import pytest
 
 from gluon_bert.cli import main
-from gluon_bert.config import TrainConfig
+from gluon_bert.config import BERTConfig, TrainConfig
 from gluon_bert.model import BERTModel
 from gluon_bert.train import finetune, latest_checkpoint, pretrain
 
@@ -99,3 +99,33 @@ def test_sigkill_mid_checkpoint_resumes_from_last_good(tmp_path):
                                log_interval=5, out_dir=out, num_steps=done + 2)
     result = pretrain(cfg, resume=True, progress=False)
     assert result['step'] == done + 2
+
+
+def test_compare_runs_every_framework_from_the_same_start(tmp_path, capsys):
+    pytest.importorskip('torch')
+    pytest.importorskip('jax')
+    out = str(tmp_path / 'cmp')
+    assert main(['compare', 'pretrain', '--out-dir', out, '--num-steps', '6', '--preset', 'tiny',
+                 '--batch-size', '32', '--max-len', '32', '--log-interval', '3',
+                 '--no-progress', '--train-limit', '256']) == 0
+    summary = json.load(open(os.path.join(out, 'compare.json')))
+    assert set(summary['results']) == {'mxnet', 'torch', 'jax'}
+    rows = {fw: [json.loads(l) for l in open(os.path.join(out, fw, 'metrics.jsonl'))]
+            for fw in summary['results']}
+    # same weights, same batches: the first interval's losses agree closely (dropout differs)
+    mlm = [rows[fw][0]['train_mlm'] for fw in rows]
+    assert max(mlm) - min(mlm) < 0.05 * max(mlm), mlm
+    assert os.path.isfile(os.path.join(out, 'compare.png'))
+    assert '| mxnet |' in capsys.readouterr().out
+
+
+def test_pretrain_with_another_framework_writes_our_checkpoint(tmp_path):
+    pytest.importorskip('torch')
+    out = str(tmp_path / 'torch-run')
+    assert main(['pretrain', '--framework', 'torch', '--out-dir', out, '--num-steps', '4',
+                 '--preset', 'tiny', '--batch-size', '32', '--max-len', '32',
+                 '--log-interval', '2', '--no-progress', '--train-limit', '128']) == 0
+    ckpt = latest_checkpoint(out)
+    assert json.load(open(os.path.join(ckpt, 'state.json')))['framework'] == 'torch'
+    net = BERTModel(BERTConfig.load(os.path.join(ckpt, 'config.json')))
+    net.load_parameters(os.path.join(ckpt, 'model.params'))  # strict: every name, every shape

@@ -107,10 +107,6 @@ class LegacyBoundary:
         with legacy_scope():
             return super().cast(*args, **kwargs)
 
-    def reset_ctx(self, *args, **kwargs):
-        with legacy_scope():
-            return super().reset_ctx(*args, **kwargs)
-
 
 class Dense(LegacyBoundary, nn.Dense):
     """`nn.Dense` usable from numpy-mode code (e.g. the book's new classifier output)."""

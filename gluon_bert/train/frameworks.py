@@ -18,7 +18,7 @@ import numpy as onp
 from mxnet import init
 
 from ..config import BERTConfig, TrainConfig
-from ..model import BERTClassifier, BERTModel
+from ..model import BERTClassifier, BERTModel, legacy_scope
 from .checkpoint import save_checkpoint
 from .devices import parse_contexts
 from .logs import RunLog, plot_history, progress_bar
@@ -36,7 +36,8 @@ def _load_params(net, params, contexts):
         if name not in params:
             raise KeyError(f'no value for parameter {name}')
         p.set_data(mx.nd.array(params[name], dtype=p.dtype))
-    net.reset_ctx(contexts)
+    with legacy_scope():
+        net.collect_params().reset_ctx(contexts)
 
 
 class MXNetRunner:
