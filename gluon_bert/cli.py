@@ -5,6 +5,8 @@
     gluon-bert finetune --init X    SNLI fine-tuning from a pretraining run or bert.small
     gluon-bert evaluate RUN         accuracy of a fine-tuned classifier on an SNLI split
     gluon-bert predict RUN P H      label + probabilities for a premise/hypothesis pair
+    gluon-bert compare TASK         the same experiment in MXNet, PyTorch and JAX
+    gluon-bert bench                time the training step: ours, the book's, PyTorch, JAX
 """
 from __future__ import annotations
 
@@ -96,6 +98,20 @@ def build_parser():
     _add_train_args(p, 'both')
     p.set_defaults(out_dir=None)
 
+    p = sub.add_parser('bench', help='time the training step in each framework')
+    p.add_argument('--frameworks', default='mxnet,d2l,torch,jax',
+                   help='from mxnet, d2l (the book\'s code), torch, torch.compile, jax')
+    p.add_argument('--task', choices=('pretrain', 'finetune'), default='pretrain')
+    p.add_argument('--preset', default='d2l.pretrain')
+    p.add_argument('--vocab-size', type=int, default=20256)
+    p.add_argument('--batch-size', type=int, default=512)
+    p.add_argument('--seq-len', type=int, default=64)
+    p.add_argument('--steps', type=int, default=10)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--devices')
+    p.add_argument('--out', default='experiments/results/bench.jsonl',
+                   help='JSON lines file to append to ("" for none)')
+
     p = sub.add_parser('evaluate', help='accuracy of a fine-tuned classifier')
     p.add_argument('run', help='fine-tuning run or checkpoint folder')
     p.add_argument('--data-dir')
@@ -163,6 +179,15 @@ def cmd_compare(args):
     print(result['table'])
 
 
+def cmd_bench(args):
+    from .bench import format_rows, run_bench
+    rows = run_bench(frameworks=tuple(args.frameworks.split(',')), task=args.task,
+                     preset=args.preset, vocab_size=args.vocab_size, batch_size=args.batch_size,
+                     seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
+                     devices=args.devices, out=args.out or None)
+    print(format_rows(rows))
+
+
 def cmd_evaluate(args):
     from .config import TrainConfig
     from .train import evaluate_accuracy, load_classifier, parse_contexts
@@ -207,6 +232,8 @@ def main(argv=None):
             cmd_reproduce(args)
         elif args.command == 'compare':
             cmd_compare(args)
+        elif args.command == 'bench':
+            cmd_bench(args)
         elif args.command == 'evaluate':
             cmd_evaluate(args)
         elif args.command == 'predict':

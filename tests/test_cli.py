@@ -129,3 +129,15 @@ def test_pretrain_with_another_framework_writes_our_checkpoint(tmp_path):
     assert json.load(open(os.path.join(ckpt, 'state.json')))['framework'] == 'torch'
     net = BERTModel(BERTConfig.load(os.path.join(ckpt, 'config.json')))
     net.load_parameters(os.path.join(ckpt, 'model.params'))  # strict: every name, every shape
+
+
+def test_bench_times_ours_and_the_books_step(tmp_path, capsys):
+    out = tmp_path / 'bench.jsonl'
+    assert main(['bench', '--frameworks', 'mxnet,d2l', '--preset', 'tiny', '--vocab-size', '50',
+                 '--batch-size', '8', '--seq-len', '16', '--steps', '2', '--warmup', '1',
+                 '--out', str(out)]) == 0
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [r['framework'] for r in rows] == ['mxnet', 'd2l']
+    assert all(r['examples_per_sec'] > 0 and r['versions']['mxnet'] == '1.9.1' for r in rows)
+    assert not mx.util.is_np_array()  # the book's numpy mode did not leak out
+    assert '| d2l |' in capsys.readouterr().out
