@@ -64,6 +64,7 @@ def plot_history(history, path, x_key, series, title=''):
               if any(k in row for row in history for k in keys)]
     if not panels:
         return None
+    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (name, keys) in zip(axes[0], panels):
         for key in keys:
@@ -72,6 +73,7 @@ def plot_history(history, path, x_key, series, title=''):
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker='o' if len(pts) < 30 else None, label=key)
         ax.set_xlabel(x_key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are whole
         ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend()
