@@ -17,20 +17,9 @@ from gluon_bert.config import BERTConfig
 from gluon_bert.model import BERTClassifier, BERTModel, legacy_scope
 from gluon_bert.ports import convert
 from gluon_bert.ports.synthetic import synthetic_batch
+from ports_fixtures import FRAMEWORKS
 
 
-def _installed(module):
-    try:
-        importlib.import_module(module)
-        return True
-    except ImportError:
-        return False
-
-
-# Skipped at collection, so that the MXNet fixtures are not built for nothing.
-FRAMEWORKS = [pytest.param(fw, marks=pytest.mark.skipif(not _installed(fw),
-                                                        reason=f'{fw} is not installed'))
-              for fw in ('torch', 'jax')]
 
 VOCAB = 97
 SHAPES = {  # preset -> (batch, length, predictions per example)

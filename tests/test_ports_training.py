@@ -3,7 +3,6 @@ curve as our hybridized MXNet BERT with gluon.Trainer('adam') (within 1e-3 relat
 off), and the runner interface behaves as the training loop expects."""
 from __future__ import annotations
 
-import importlib
 
 import numpy as onp
 import pytest
@@ -15,20 +14,9 @@ from gluon_bert.model import BERTClassifier, BERTModel, legacy_scope
 from gluon_bert.ports import convert
 from gluon_bert.ports.runners import FINETUNE_KEYS, make_runner
 from gluon_bert.ports.synthetic import synthetic_batch
+from ports_fixtures import FRAMEWORKS
 
 
-def _installed(module):
-    try:
-        importlib.import_module(module)
-        return True
-    except ImportError:
-        return False
-
-
-# Skipped at collection, so that the MXNet fixtures are not built for nothing.
-FRAMEWORKS = [pytest.param(fw, marks=pytest.mark.skipif(not _installed(fw),
-                                                        reason=f'{fw} is not installed'))
-              for fw in ('torch', 'jax')]
 
 VOCAB = 97
 STEPS = 20
