@@ -141,3 +141,20 @@ def test_bench_times_ours_and_the_books_step(tmp_path, capsys):
     assert all(r['examples_per_sec'] > 0 and r['versions']['mxnet'] == '1.9.1' for r in rows)
     assert not mx.util.is_np_array()  # the book's numpy mode did not leak out
     assert '| d2l |' in capsys.readouterr().out
+
+
+def test_ctrl_c_saves_before_exiting(tmp_path):
+    out = str(tmp_path / 'interrupted')
+    cmd = [sys.executable, '-m', 'gluon_bert.cli', 'pretrain', '--out-dir', out,
+           '--num-steps', '100000', *PRE]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    metrics = os.path.join(out, 'metrics.jsonl')
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics)):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert 'continue with --resume' in err
+    ckpt = latest_checkpoint(out)
+    assert json.load(open(os.path.join(ckpt, 'state.json')))['step'] >= 5
