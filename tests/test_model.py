@@ -210,3 +210,30 @@ def test_export_and_symbolblock_import(tmp_path):
                                          f'{prefix}-0000.params')
     for a, b in zip(imported(*inputs), expected):
         onp.testing.assert_allclose(a.asnumpy(), b.asnumpy(), atol=1e-6)
+
+
+def _dense_output_types(sym):
+    internals = sym.get_internals()
+    types = []
+    for name in internals.list_outputs():
+        if 'dense' in name and name.endswith('fwd_output'):
+            s = internals[name]
+            _, out, _ = s.infer_type(**{a: 'float32' for a in s.list_arguments()})
+            types.append(onp.dtype(out[0]))
+    return types
+
+
+def test_graph_is_convertible_by_amp():
+    """MXNet's AMP rewrites legacy operators only: our graph's dense layers go to float16."""
+    from mxnet.contrib import amp
+    net = BERTModel(BERTConfig.from_preset('tiny', vocab_size=VOCAB))
+    net.initialize(init.Xavier())
+    net.hybridize()
+    net(*[mx.nd.array(a) for a in make_batch(onp.random.RandomState(8), 2, 8, 2)])
+    sym = net._cached_graph[1]
+    before = _dense_output_types(sym)
+    after = _dense_output_types(amp.convert_symbol(sym, target_dtype='float16',
+                                                   cast_optional_params=False))
+    assert len(before) == len(after) >= 4 * net.config.num_blks  # W_q, W_k, W_v, W_o per block
+    assert all(t == onp.float32 for t in before)
+    assert sum(t == onp.float16 for t in after) >= len(after) // 2
