@@ -15,26 +15,7 @@ import json
 import os
 import sys
 
-__all__ = ['main', 'build_parser', 'REPRODUCE_RECIPES']
-
-# Settings of the main job. 'sample' fits the shipped sample and a 2-core machine in a few
-# minutes; 'book' is the book's experiment on the real data (WikiText-2 + SNLI).
-REPRODUCE_RECIPES = {
-    'sample': dict(
-        pretrain=dict(preset='d2l.pretrain', batch_size=128, max_len=64, lr=1e-3,
-                      num_steps=300, log_interval=25),
-        finetune=dict(batch_size=64, max_len=64, lr=5e-4, num_epochs=5, pad_to='longest',
-                      bucket=True),
-    ),
-    'book': dict(
-        pretrain=dict(preset='d2l.pretrain', batch_size=512, max_len=64, lr=0.01,
-                      num_steps=50, log_interval=10),
-        finetune=dict(batch_size=512, max_len=128, lr=1e-4, num_epochs=5),
-    ),
-}
-
-LABELS = ('entailment', 'contradiction', 'neutral')
-
+__all__ = ['main', 'build_parser']
 
 def _add_train_args(p, task):
     g = p.add_argument_group('run')
@@ -84,7 +65,7 @@ def build_parser():
     p.add_argument('--data-dir', help='folder holding wikitext-2/ and snli/ '
                                       '(default: the shipped sample)')
     p.add_argument('--out-dir', default='runs/reproduce')
-    p.add_argument('--recipe', choices=sorted(REPRODUCE_RECIPES),
+    p.add_argument('--recipe', choices=('book', 'sample'),
                    help='settings (default: sample without --data-dir, book with it)')
     p.add_argument('--devices')
     p.add_argument('--seed', type=int, default=0)

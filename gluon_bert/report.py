@@ -6,7 +6,23 @@ import json
 import os
 import platform
 
-__all__ = ['reproduce', 'BOOK']
+__all__ = ['reproduce', 'BOOK', 'REPRODUCE_RECIPES']
+
+# Settings of the main job. 'sample' fits the shipped sample and a 2-core machine in a few
+# minutes; 'book' is the book's experiment on the real data (WikiText-2 + SNLI).
+REPRODUCE_RECIPES = {
+    'sample': dict(
+        pretrain=dict(preset='d2l.pretrain', batch_size=128, max_len=64, lr=1e-3,
+                      num_steps=300, log_interval=25),
+        finetune=dict(batch_size=64, max_len=64, lr=5e-4, num_epochs=5, pad_to='longest',
+                      bucket=True),
+    ),
+    'book': dict(
+        pretrain=dict(preset='d2l.pretrain', batch_size=512, max_len=64, lr=0.01,
+                      num_steps=50, log_interval=10),
+        finetune=dict(batch_size=512, max_len=128, lr=1e-4, num_epochs=5),
+    ),
+}
 
 # The book's MXNet numbers (2 GPUs): pretraining 50 steps, fine-tuning bert.small 5 epochs.
 BOOK = dict(mlm=7.292, nsp=0.822, pairs_per_sec=2417, finetune_loss=0.477,
@@ -28,7 +44,6 @@ def _snli_setup(snli_dir):
 
 def reproduce(data_dir=None, out_dir='runs/reproduce', recipe=None, devices=None, seed=0,
               pretrain_steps=None, finetune_epochs=None, progress=None):
-    from .cli import REPRODUCE_RECIPES
     from .config import TrainConfig
     from .train import finetune, pretrain
     recipe = recipe or ('book' if data_dir else 'sample')

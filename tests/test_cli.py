@@ -158,3 +158,15 @@ def test_ctrl_c_saves_before_exiting(tmp_path):
     assert 'continue with --resume' in err
     ckpt = latest_checkpoint(out)
     assert json.load(open(os.path.join(ckpt, 'state.json')))['step'] >= 5
+
+
+def test_reproduce_writes_a_report(tmp_path, capsys):
+    out = str(tmp_path / 'repro')
+    assert main(['reproduce', '--out-dir', out, '--pretrain-steps', '6',
+                 '--finetune-epochs', '1', '--no-progress']) == 0
+    report = json.load(open(os.path.join(out, 'report.json')))
+    assert report['recipe'] == 'sample' and report['pretrain']['steps'] == 6
+    assert 0.0 <= report['finetune']['eval_acc'] <= 1.0
+    text = capsys.readouterr().out
+    assert '| pretrain (6 steps) |' in text and '7.292' in text
+    assert os.path.isfile(os.path.join(out, 'REPORT.md'))
