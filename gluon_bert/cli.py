@@ -7,6 +7,7 @@
     gluon-bert predict RUN P H      label + probabilities for a premise/hypothesis pair
     gluon-bert compare TASK         the same experiment in MXNet, PyTorch and JAX
     gluon-bert bench                time the training step: ours, the book's, PyTorch, JAX
+    gluon-bert download NAME...     fetch WikiText-2, SNLI or a book checkpoint into the cache
 """
 from __future__ import annotations
 
@@ -17,9 +18,22 @@ import sys
 
 __all__ = ['main', 'build_parser']
 
+# The official data set each command reads, as named in gluon_bert.data.DATA_HUB.
+_DATA_SETS = {'pretrain': 'wikitext-2', 'finetune': 'SNLI'}
+
+
+def _add_data_args(p, what):
+    d = p.add_mutually_exclusive_group()
+    d.add_argument('--data-dir', help=f'folder with {what} (default: the shipped sample)')
+    d.add_argument('--download', action='store_true',
+                   help=f'use the official {what}: downloaded once into the cache '
+                        '($GLUON_BERT_HOME), SHA-1 checked')
+
+
 def _add_train_args(p, task):
     g = p.add_argument_group('run')
-    g.add_argument('--data-dir', help='folder with the data (default: the shipped sample)')
+    what = {'pretrain': 'WikiText-2', 'finetune': 'SNLI'}.get(task, 'the data')
+    _add_data_args(g, what)
     g.add_argument('--out-dir', help=f'run folder (default: runs/{task})')
     g.add_argument('--resume', action='store_true', help='continue the run in --out-dir')
     g.add_argument('--devices', help="'auto' (all GPUs, else CPU) or e.g. 'cpu(0),cpu(1)'")
@@ -62,8 +76,7 @@ def build_parser():
         _add_train_args(sub.add_parser(task, help=f'{task} BERT'), task)
 
     p = sub.add_parser('reproduce', help='pretrain, fine-tune, evaluate and report')
-    p.add_argument('--data-dir', help='folder holding wikitext-2/ and snli/ '
-                                      '(default: the shipped sample)')
+    _add_data_args(p, 'wikitext-2/ and snli/')
     p.add_argument('--out-dir', default='runs/reproduce')
     p.add_argument('--recipe', choices=('book', 'sample'),
                    help='settings (default: sample without --data-dir, book with it)')
@@ -95,7 +108,7 @@ def build_parser():
 
     p = sub.add_parser('evaluate', help='accuracy of a fine-tuned classifier')
     p.add_argument('run', help='fine-tuning run or checkpoint folder')
-    p.add_argument('--data-dir')
+    _add_data_args(p, 'SNLI')
     p.add_argument('--split', default='test')
     p.add_argument('--max-len', type=int, default=None)
     p.add_argument('--batch-size', type=int, default=256)
@@ -108,11 +121,25 @@ def build_parser():
     p.add_argument('--file', help='tab-separated premise<TAB>hypothesis lines ("-": stdin)')
     p.add_argument('--max-len', type=int, default=None)
     p.add_argument('--devices')
+
+    p = sub.add_parser('download', help='fetch data sets or checkpoints into the cache')
+    p.add_argument('names', nargs='+', metavar='NAME',
+                   help='wikitext-2, SNLI, bert.small, bert.base, bert.small.torch, ...')
+    p.add_argument('--cache-dir', help='default: $GLUON_BERT_HOME or ~/.cache/gluon_bert')
     return parser
+
+
+def _resolve_data(args, task):
+    """--download -> the cached official data set's folder (fetched on first use)."""
+    if getattr(args, 'download', False):
+        from .data.download import download_extract
+        args.data_dir = download_extract(_DATA_SETS[task])
+    args.__dict__.pop('download', None)
 
 
 def _train_config(args, task):
     from .config import TrainConfig
+    _resolve_data(args, task)
     fields = {k: v for k, v in vars(args).items()
               if k not in ('command', 'resume', 'no_progress')}
     return TrainConfig.for_task(task, **fields)
@@ -140,7 +167,8 @@ def cmd_train(args, task):
 
 def cmd_reproduce(args):
     from .report import reproduce
-    result = reproduce(data_dir=args.data_dir, out_dir=args.out_dir, recipe=args.recipe,
+    result = reproduce(data_dir=args.data_dir, download=args.download,
+                       out_dir=args.out_dir, recipe=args.recipe,
                        devices=args.devices, seed=args.seed, pretrain_steps=args.pretrain_steps,
                        finetune_epochs=args.finetune_epochs,
                        progress=False if args.no_progress else None)
@@ -149,6 +177,7 @@ def cmd_reproduce(args):
 
 def cmd_compare(args):
     from .compare import compare
+    _resolve_data(args, args.task)
     fields = {k: v for k, v in vars(args).items()
               if k not in ('command', 'resume', 'no_progress', 'task', 'frameworks')}
     fields['out_dir'] = fields.get('out_dir') or f'runs/compare-{args.task}'
@@ -173,6 +202,7 @@ def cmd_evaluate(args):
     from .config import TrainConfig
     from .train import evaluate_accuracy, load_classifier, parse_contexts
     from .train.finetune import load_finetuning_data
+    _resolve_data(args, 'finetune')
     contexts = parse_contexts(args.devices)
     net, vocab, config = load_classifier(args.run, contexts)
     net.hybridize(static_alloc=True, static_shape=True)
@@ -194,6 +224,18 @@ def cmd_predict(args):
         raise ValueError('give a premise and a hypothesis, or --file')
     for row in predict_pairs(args.run, pairs, max_len=args.max_len, devices=args.devices):
         print(json.dumps(row))
+
+
+def cmd_download(args):
+    from .data.download import DATA_HUB, download, download_extract
+    unknown = [n for n in args.names if n not in DATA_HUB]
+    if unknown:
+        raise ValueError(f'unknown name(s) {", ".join(unknown)}; known: '
+                         f'{", ".join(sorted(DATA_HUB))}')
+    for name in args.names:
+        entry = DATA_HUB[name]
+        fetch = download_extract if entry.filename.endswith('.zip') else download
+        print(f'{name}\t{fetch(name, cache_dir=args.cache_dir)}')
 
 
 def main(argv=None):
@@ -219,6 +261,8 @@ def main(argv=None):
             cmd_evaluate(args)
         elif args.command == 'predict':
             cmd_predict(args)
+        elif args.command == 'download':
+            cmd_download(args)
     except TrainingInterrupted as stop:
         print(f'gluon-bert: interrupted; state saved in {stop.checkpoint} '
               '(continue with --resume)', file=sys.stderr)

@@ -42,14 +42,26 @@ def _snli_setup(snli_dir):
                 'pairs, evaluated on those 1,000')
 
 
+def _data_dirs(data_dir, download):
+    """(wikitext-2 folder, SNLI folder, description); (None, None, ...) for the sample."""
+    if download:
+        from .data.download import download_extract
+        return (download_extract('wikitext-2'), download_extract('SNLI'),
+                'official WikiText-2 + SNLI (downloaded)')
+    if data_dir:
+        return os.path.join(data_dir, 'wikitext-2'), os.path.join(data_dir, 'snli'), data_dir
+    return None, None, 'shipped sample'
+
+
 def reproduce(data_dir=None, out_dir='runs/reproduce', recipe=None, devices=None, seed=0,
-              pretrain_steps=None, finetune_epochs=None, progress=None):
+              pretrain_steps=None, finetune_epochs=None, progress=None, download=False):
+    """The main job on the shipped sample, on `data_dir` (holding wikitext-2/ and snli/),
+    or with `download` on the official files fetched into the cache."""
     from .config import TrainConfig
     from .train import finetune, pretrain
-    recipe = recipe or ('book' if data_dir else 'sample')
+    wiki_dir, snli_dir, data_name = _data_dirs(data_dir, download)
+    recipe = recipe or ('book' if wiki_dir else 'sample')
     settings = REPRODUCE_RECIPES[recipe]
-    wiki_dir = os.path.join(data_dir, 'wikitext-2') if data_dir else None
-    snli_dir = os.path.join(data_dir, 'snli') if data_dir else None
     notes = []
     # pretrain (continues a half-finished run in out_dir)
     pre_cfg = TrainConfig.for_task('pretrain', data_dir=wiki_dir, seed=seed, devices=devices,
@@ -70,7 +82,7 @@ def reproduce(data_dir=None, out_dir='runs/reproduce', recipe=None, devices=None
     ft = finetune(ft_cfg, resume=True, progress=progress)
     # report
     summary = dict(
-        recipe=recipe, data=data_dir or 'shipped sample', devices=pre['devices'],
+        recipe=recipe, data=data_name, devices=pre['devices'],
         date=datetime.date.today().isoformat(), machine=platform.platform(),
         pretrain=dict(steps=pre['step'], mlm=pre['mlm_avg'], nsp=pre['nsp_avg'],
                       mlm_last=pre['mlm'], nsp_last=pre['nsp'],

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import io
 import os
 import threading
+import zipfile
 
 SNLI_HEADER = ['gold_label', 'sentence1_binary_parse', 'sentence2_binary_parse',
                'sentence1_parse', 'sentence2_parse', 'sentence1', 'sentence2', 'captionID',
@@ -125,3 +127,18 @@ def local_server():
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def zip_bytes(members: dict) -> bytes:
+    """A zip archive in memory: {name in archive: str or bytes}."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, 'w') as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def zip_folder(folder: str, arcname: str) -> bytes:
+    """The files of `folder` as `arcname/<file>` in a zip, like the official archives."""
+    return zip_bytes({f'{arcname}/{name}': open(os.path.join(folder, name), 'rb').read()
+                      for name in sorted(os.listdir(folder))})

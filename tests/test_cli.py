@@ -1,6 +1,8 @@
 """Every command on the shipped sample, bad input, and a run killed mid-checkpoint."""
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import os
 import signal
@@ -12,8 +14,11 @@ import mxnet as mx
 import numpy as onp
 import pytest
 
+from data_fixtures import local_server, zip_folder
+
 from gluon_bert.cli import main
 from gluon_bert.config import BERTConfig, TrainConfig
+from gluon_bert.data import sample_dir, sha1_file
 from gluon_bert.model import BERTModel
 from gluon_bert.train import finetune, latest_checkpoint, pretrain
 
@@ -170,3 +175,38 @@ def test_reproduce_writes_a_report(tmp_path, capsys):
     text = capsys.readouterr().out
     assert '| pretrain (6 steps) |' in text and '7.292' in text
     assert os.path.isfile(os.path.join(out, 'REPORT.md'))
+
+
+def test_download_command_and_download_flag(tmp_path, capsys, monkeypatch):
+    """`download` fetches the official archives into the cache; `--download` trains on them.
+    The archives are the shipped sample in the official layouts, served on 127.0.0.1."""
+    hub = importlib.import_module('gluon_bert.data.download')
+    monkeypatch.setattr(hub, 'DATA_HUB', dict(hub.DATA_HUB))
+    monkeypatch.setenv('GLUON_BERT_HOME', str(tmp_path / 'cache'))
+    monkeypatch.delenv('GLUON_BERT_OFFLINE', raising=False)
+    wiki = zip_folder(sample_dir('wikitext-2'), 'wikitext-2')
+    snli = zip_folder(sample_dir('snli'), 'snli_1.0')
+    with local_server() as server:
+        server.routes['/wikitext-2-v1.zip'] = ('bytes', wiki)
+        server.routes['/snli_1.0.zip'] = ('bytes', snli)
+        hub.register('wikitext-2', server.url + '/wikitext-2-v1.zip', hashlib.sha1(wiki).hexdigest(),
+                     folder='wikitext-2', files={'wiki.train.tokens': sha1_file(
+                         os.path.join(sample_dir('wikitext-2'), 'wiki.train.tokens'))})
+        hub.register('SNLI', server.url + '/snli_1.0.zip', hashlib.sha1(snli).hexdigest(),
+                     folder='snli_1.0')
+        assert main(['download', 'wikitext-2', 'SNLI']) == 0
+        folders = dict(line.split('\t') for line in capsys.readouterr().out.splitlines())
+        assert folders == {'wikitext-2': str(tmp_path / 'cache' / 'wikitext-2-v1' / 'wikitext-2'),
+                           'SNLI': str(tmp_path / 'cache' / 'snli_1.0' / 'snli_1.0')}
+        assert sorted(os.listdir(folders['SNLI'])) == sorted(os.listdir(sample_dir('snli')))
+        fetched = len(server.requests)
+        out = str(tmp_path / 'pre')
+        assert main(['pretrain', '--download', '--out-dir', out, '--num-steps', '2',
+                     *PRE]) == 0
+        assert len(server.requests) == fetched  # the cache answers, no new request
+    state = json.load(open(os.path.join(latest_checkpoint(out), 'state.json')))
+    assert state['train_config']['data_dir'] == folders['wikitext-2']
+    assert main(['download', 'no-such-set']) == 2
+    assert 'unknown name(s) no-such-set' in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one source of data, not two
+        main(['pretrain', '--download', '--data-dir', str(tmp_path)])

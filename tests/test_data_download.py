@@ -1,13 +1,11 @@
 """The download module against a local HTTP server on 127.0.0.1."""
 import hashlib
 import importlib
-import io
 import os
-import zipfile
 
 import pytest
 
-from data_fixtures import local_server
+from data_fixtures import local_server, zip_bytes
 # `gluon_bert.data.download` is also the name of the function re-exported by the package.
 dl = importlib.import_module("gluon_bert.data.download")
 
@@ -123,16 +121,8 @@ def test_offline_mode_says_what_to_place_where(hub, tmp_path, monkeypatch):
     assert 'bert.small.zip' in msg and str(tmp_path) in msg and dl.DATA_HUB['bert.small'].sha1 in msg
 
 
-def _zip(members):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, 'w') as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
 def test_download_extract_returns_the_checkpoint_folder(server, hub, tmp_path, monkeypatch):
-    blob = _zip({'bert.small/vocab.json': '["<unk>"]', 'bert.small/pretrained.params': 'p'})
+    blob = zip_bytes({'bert.small/vocab.json': '["<unk>"]', 'bert.small/pretrained.params': 'p'})
     server.routes['/bert.small.zip'] = ('bytes', blob)
     dl.register('bert.small', server.url + '/bert.small.zip', hashlib.sha1(blob).hexdigest(),
                 folder='bert.small')
@@ -147,7 +137,7 @@ def test_download_extract_returns_the_checkpoint_folder(server, hub, tmp_path, m
 
 @pytest.mark.parametrize('name', ['../evil.txt', '/abs.txt', 'a/../../evil.txt'])
 def test_unsafe_archive_paths_are_refused(server, hub, tmp_path, name):
-    blob = _zip({'ok/a.txt': 'a', name: 'x'})
+    blob = zip_bytes({'ok/a.txt': 'a', name: 'x'})
     server.routes['/x.zip'] = ('bytes', blob)
     dl.register('x', server.url + '/x.zip', hashlib.sha1(blob).hexdigest())
     with pytest.raises(dl.DownloadError, match='unsafe path|outside'):
@@ -159,3 +149,44 @@ def test_unsafe_archive_paths_are_refused(server, hub, tmp_path, name):
 def test_unknown_names():
     with pytest.raises(KeyError, match='unknown hub entry'):
         dl.download('no-such-thing')
+
+
+def _hf_parquet(lines):
+    """A parquet file as the Hugging Face copy of wikitext-2-v1 has it: one row per line
+    of the original file, with its newline; blank lines (' \\n') as ''."""
+    pa = pytest.importorskip('pyarrow')
+    import pyarrow.parquet as pq
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table({'text': [l if l.strip() else '' for l in lines]}), buf)
+    return buf.getvalue().to_pybytes()
+
+
+@pytest.mark.parametrize('tampered', [False, True])
+def test_wikitext_from_parquet_mirror_when_the_zips_fail(server, hub, tmp_path, monkeypatch,
+                                                         tampered):
+    splits = {'train': 'wiki.train.tokens', 'validation': 'wiki.valid.tokens',
+              'test': 'wiki.test.tokens'}
+    originals = {fname: [' \n', f' = {split} = \n', ' \n', f' a {split} line . b . \n']
+                 for split, fname in splits.items()}
+    for split, fname in splits.items():
+        lines = originals[fname] + (['extra\n'] if tampered and split == 'test' else [])
+        server.routes[f'/{split}.parquet'] = ('bytes', _hf_parquet(lines))
+    server.routes['/wikitext-2-v1.zip'] = ('status', 403)
+    monkeypatch.setattr(dl, '_HF_WIKITEXT', server.url + '/{split}.parquet')
+    digests = {f: hashlib.sha1(''.join(l).encode()).hexdigest() for f, l in originals.items()}
+    dl.register('wikitext-2', server.url + '/wikitext-2-v1.zip', '0' * 40, folder='wikitext-2',
+                files=digests, alternative='wikitext-2-parquet')
+    target = os.path.join(tmp_path, 'wikitext-2-v1')
+    if tampered:
+        with pytest.raises(dl.ChecksumError, match='wiki.test.tokens'):
+            dl.download_extract('wikitext-2', str(tmp_path))
+        assert not os.path.exists(target)
+        assert not [f for f in os.listdir(tmp_path) if f.startswith('.wikitext')]
+        return
+    folder = dl.download_extract('wikitext-2', str(tmp_path))
+    assert folder == os.path.join(target, 'wikitext-2')
+    for fname, lines in originals.items():  # byte-identical to the original files
+        assert open(os.path.join(folder, fname), 'rb').read() == ''.join(lines).encode()
+    n = len(server.requests)
+    assert dl.download_extract('wikitext-2', str(tmp_path)) == folder
+    assert len(server.requests) == n
