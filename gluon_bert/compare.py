@@ -29,8 +29,10 @@ def _available(framework):
 
 
 def compare(task, frameworks=FRAMEWORKS, out_dir='runs/compare', progress=None, **settings):
-    from .train.frameworks import initial_params, run_training
+    from .train.frameworks import check_runner_options, initial_params, run_training
     cfg = TrainConfig.for_task(task, out_dir=out_dir, **settings)
+    for fw in frameworks:  # refuse before anything runs, not after the first framework
+        check_runner_options(cfg, fw)
     start = initial_params(cfg)
     results, skipped = {}, {}
     for fw in frameworks:

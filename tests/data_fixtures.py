@@ -95,7 +95,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data[:cut])
             self.wfile.flush()
             self.close_connection = True
-        elif kind == 'bytes':
+        elif kind == 'bad206' and self.headers.get('Range'):  # a 'part' that starts at 0
+            self.send_response(206)
+            self.send_header('Content-Range', f'bytes 0-{len(payload) - 1}/{len(payload)}')
+            self.send_header('Content-Length', str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        elif kind in ('bytes', 'bad206'):
             data, ranges = payload, route[2] if len(route) > 2 else True
             rng = self.headers.get('Range')
             if rng and ranges and rng.startswith('bytes='):

@@ -113,6 +113,17 @@ def test_stale_partial_file_restarts_cleanly(server, hub, tmp_path):
     assert [r for _, r in server.requests] == ['bytes=1000-', None]
 
 
+def test_a_resume_the_server_gets_wrong_restarts_cleanly(server, hub, tmp_path):
+    part = os.path.join(tmp_path, 'f.bin.part')
+    with open(part, 'wb') as f:
+        f.write(DATA[:1000])
+    server.routes['/f.bin'] = ('bad206', DATA)  # answers a Range with the file from byte 0
+    dl.register('thing', server.url + '/f.bin', SHA1)
+    assert dl.sha1_file(dl.download('thing', str(tmp_path))) == SHA1
+    assert [r for _, r in server.requests] == ['bytes=1000-', None]
+    assert not os.path.exists(part)
+
+
 def test_offline_mode_says_what_to_place_where(hub, tmp_path, monkeypatch):
     monkeypatch.setenv('GLUON_BERT_OFFLINE', '1')
     with pytest.raises(dl.DownloadError) as err:
@@ -182,6 +193,8 @@ def test_wikitext_from_parquet_mirror_when_the_zips_fail(server, hub, tmp_path, 
             dl.download_extract('wikitext-2', str(tmp_path))
         assert not os.path.exists(target)
         assert not [f for f in os.listdir(tmp_path) if f.startswith('.wikitext')]
+        # the unverifiable parquet files are not kept either: a retry fetches them again
+        assert not os.path.exists(os.path.join(tmp_path, 'hf-wikitext-2-v1'))
         return
     folder = dl.download_extract('wikitext-2', str(tmp_path))
     assert folder == os.path.join(target, 'wikitext-2')

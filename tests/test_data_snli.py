@@ -87,6 +87,10 @@ def test_empty_file_and_missing_split(tmp_path):
         read_snli(str(tmp_path), 'dev')
     with pytest.raises(ValueError, match='split must be one of'):
         read_snli(str(tmp_path), 'validation')
+    write_snli_txt(tmp_path / 'snli_1.0_dev.txt', [snli_row('-', '( a b )', '( c d )')])
+    with pytest.raises(SNLIFormatError, match=r'snli_1.0_dev.txt: no labelled pairs in 2 '
+                                              r'lines \(1 without a gold label'):
+        read_snli(str(tmp_path), 'dev')
     (tmp_path / 'snli_1.0_test.txt').write_text('premise\thypothesis\n')
     with pytest.raises(SNLIFormatError, match='no gold_label column'):
         read_snli(str(tmp_path), 'test')

@@ -176,3 +176,46 @@ def test_torch_compile_matches_eager(tiny):
     for _ in range(3):
         a, b = eager.train_step(batch)['loss'], compiled.train_step(batch)['loss']
         assert abs(a - b) / a < 1e-4
+
+
+@pytest.mark.parametrize('framework', FRAMEWORKS)
+def test_schedule_and_clipping_match_our_mxnet_step(tiny, framework):
+    """With warmup, linear decay and a global-norm clip that bites, the ports follow the
+    package's own MXNet step (MXNetRunner, as `compare` and `--framework` use it)."""
+    from gluon_bert.train.frameworks import MXNetRunner
+    from gluon_bert.train.schedule import learning_rate
+    config, params, _ = tiny
+    rng = onp.random.default_rng(3)
+    batches = [synthetic_batch(rng, config, 'pretrain', 8, 16, 3) for _ in range(10)]
+
+    def curve(runner):
+        out = []
+        for step, batch in enumerate(batches):
+            runner.set_learning_rate(learning_rate(step, 0.01, len(batches), 3, 'linear'))
+            out.append(runner.train_step(batch)['loss'])
+        return onp.array(out)
+
+    ours = curve(MXNetRunner(config, params, lr=0.01, clip_norm=0.5))
+    port = curve(make_runner(framework, config, params, lr=0.01, clip_norm=0.5))
+    unclipped = curve(MXNetRunner(config, params, lr=0.01))
+    assert onp.abs(unclipped - ours).max() > 1e-3  # the clip changes the run
+    assert (onp.abs(port - ours) / ours).max() < CURVE_TOL, (port, ours)
+
+
+def test_mxnet_runner_predicts_masked_tokens(tiny):
+    from gluon_bert.train.frameworks import MXNetRunner
+    config, params, batch = tiny
+    mlm, nsp = MXNetRunner(config, params).predict(batch)
+    assert mlm.shape == batch['pred_positions'].shape + (VOCAB,) and nsp.shape == (4, 2)
+    no_mlm, same_nsp = MXNetRunner(config, params).predict(
+        {k: v for k, v in batch.items() if k != 'pred_positions'})
+    assert no_mlm is None and onp.allclose(same_nsp, nsp, atol=1e-6)
+
+
+def test_ports_refuse_mxnet_device_lists(tmp_path):
+    from gluon_bert.config import TrainConfig
+    from gluon_bert.train.frameworks import check_runner_options
+    cfg = TrainConfig(devices='cpu(0),cpu(1)', out_dir=str(tmp_path))
+    check_runner_options(cfg, 'mxnet')
+    with pytest.raises(ValueError, match='--devices cpu.0.,cpu.1. is for MXNet'):
+        check_runner_options(cfg, 'torch')

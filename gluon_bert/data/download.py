@@ -35,6 +35,10 @@ class DownloadError(RuntimeError):
     """A file could not be fetched (HTTP error, truncated body, offline mode, ...)."""
 
 
+class _BadResume(DownloadError):
+    """The server answered a Range request with a part that does not continue ours."""
+
+
 class ChecksumError(DownloadError):
     """A downloaded or cached file does not have the expected SHA-1."""
 
@@ -192,7 +196,10 @@ def _fetch(url: str, part: str, timeout: float, progress: bool | None) -> None:
         status = response.status
         resumed = status == 206 and response.headers.get('Content-Range', '').startswith(
             f'bytes {have}-')
-        if status not in (200, 206) or (status == 206 and not resumed):
+        if status == 206 and not resumed:
+            raise _BadResume(f'HTTP 206 for {url} does not continue at byte {have} '
+                             f'(Content-Range: {response.headers.get("Content-Range")})')
+        if status not in (200, 206):
             raise DownloadError(f'unexpected HTTP {status} for {url}')
         length = response.headers.get('Content-Length')
         expected = int(length) if length and length.isdigit() else None
@@ -267,6 +274,9 @@ def download(name_or_url: str, cache_dir: str | None = None, sha1: str | None = 
                 resumed = attempt == 'resume' and os.path.exists(part)
                 try:
                     _fetch(url, part, timeout, progress)
+                except _BadResume as err:
+                    errors.append(str(err))
+                    continue  # the server cannot resume our .part: start this URL afresh
                 except DownloadError as err:
                     errors.append(str(err))
                     break  # this URL failed; a truncated .part stays for a later resume
@@ -384,7 +394,12 @@ def _wikitext_from_parquet(entry: HubEntry, target: str, result: str,
             # The parquet rows are the lines of the original file, blank lines as ''.
             with open(os.path.join(inner, fname), 'w', encoding='utf-8', newline='') as f:
                 f.write(''.join(row if row else ' \n' for row in rows))
-        _files_ok(inner, entry.files, check=True)
+        try:
+            _files_ok(inner, entry.files, check=True)
+        except DownloadError:
+            # the parquet files have no SHA-1 of their own: drop them so a retry refetches
+            shutil.rmtree(os.path.join(folder, 'hf-wikitext-2-v1'), ignore_errors=True)
+            raise
         _install_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -181,6 +181,10 @@ def read_snli(path_or_dir: str, split: str = 'train', on_error: str = 'raise',
         expected = 'JSON lines' if is_json else 'a header line and pairs'
         raise SNLIFormatError(f'{path}, line 1: file is empty (expected {expected})')
     stats['kept'] = len(labels)
+    if not labels:  # a header alone, or only '-' / skipped rows: nothing to train or test on
+        raise SNLIFormatError(f'{path}: no labelled pairs in {lineno} lines '
+                              f'({stats["no_gold_label"]} without a gold label, '
+                              f'{stats["skipped"]} malformed)')
     if stats['skipped']:
         log.warning('%s: skipped %d malformed rows of %d (first: %s)', path, stats['skipped'],
                     stats['rows'], stats['errors'][0])

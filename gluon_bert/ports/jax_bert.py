@@ -413,6 +413,15 @@ def mxnet_adam_lr(lr, t, beta1=0.9, beta2=0.999):
     return lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
 
 
+def clip_global_norm(grads, max_norm):
+    """Scale every gradient by max_norm / global norm where that is below 1, as MXNet's
+    `gluon.utils.clip_global_norm` does; max_norm = inf leaves them unchanged."""
+    leaves = jax.tree_util.tree_leaves(grads)
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in leaves))
+    scale = jnp.minimum(1.0, max_norm / (norm + 1e-8))
+    return jax.tree_util.tree_map(lambda g: g * scale, grads)
+
+
 def mxnet_adam_init(params):
     """Optimizer state: the first and second moments, zeros like params."""
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)

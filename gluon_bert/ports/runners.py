@@ -68,11 +68,12 @@ class TorchRunner:
     name = 'torch'
 
     def __init__(self, config: BERTConfig, params: Mapping[str, np.ndarray], task='pretrain',
-                 lr=1e-3, seed=0, device=None, compile=False):
+                 lr=1e-3, seed=0, device=None, compile=False, clip_norm=None):
         import torch
         from . import torch_bert
         _check_task(task)
         self.config, self.task, self.lr, self.seed = config, task, lr, seed
+        self.clip_norm = clip_norm
         self._torch, self._ports = torch, torch_bert
         torch.manual_seed(seed)  # dropout masks come from torch's global generator
         if device is None:
@@ -116,8 +117,18 @@ class TorchRunner:
         loss, metrics = self._loss_fn(self._batch(batch))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.clip_norm:
+            # no error check: no read-back of the norm, so no device sync
+            self._torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm,
+                                                 error_if_nonfinite=False)
         self.optimizer.step()
         return {k: v.detach() for k, v in metrics.items()}
+
+    def set_learning_rate(self, lr: float) -> None:
+        """The learning rate of the next steps (schedules call this before every step)."""
+        self.lr = lr
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
 
     def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
         return metrics_to_floats(self.train_step_async(batch))
@@ -176,8 +187,10 @@ def _jax_functions(config: BERTConfig, task: str):
 
     grad = jax.value_and_grad(losses, has_aux=True)
 
-    def step(params, opt_state, b, rng, lr_t):
+    def step(params, opt_state, b, rng, lr_t, clip_norm):
         (_, metrics), grads = grad(params, b, rng)
+        # clip_norm = inf turns clipping off without another compiled function
+        grads = jax_bert.clip_global_norm(grads, clip_norm)
         params, opt_state = jax_bert.mxnet_adam_update(params, grads, opt_state, lr_t)
         return params, opt_state, metrics
 
@@ -196,11 +209,12 @@ class JaxRunner:
     name = 'jax'
 
     def __init__(self, config: BERTConfig, params: Mapping[str, np.ndarray], task='pretrain',
-                 lr=1e-3, seed=0, device=None):
+                 lr=1e-3, seed=0, device=None, clip_norm=None):
         import jax
         from . import jax_bert
         _check_task(task)
         self.config, self.task, self.lr, self.seed = config, task, lr, seed
+        self.clip_norm = clip_norm
         self._jax, self._ports = jax, jax_bert
         self.device = jax.devices()[0] if device is None else device
         self.model, self._step, self._grad, self._predict = _jax_functions(config, task)
@@ -222,8 +236,13 @@ class JaxRunner:
         lr_t = self._ports.mxnet_adam_lr(self.lr, self._t)
         self._params, self._opt_state, metrics = self._step(
             self._params, self._opt_state, self._batch(batch, keys),
-            step_rng if self.config.dropout > 0 else None, np.float32(lr_t))
+            step_rng if self.config.dropout > 0 else None, np.float32(lr_t),
+            np.float32(self.clip_norm or np.inf))
         return metrics
+
+    def set_learning_rate(self, lr: float) -> None:
+        """The learning rate of the next steps (schedules call this before every step)."""
+        self.lr = lr
 
     def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
         return metrics_to_floats(self.train_step_async(batch))

@@ -107,7 +107,8 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool | None = Non
         config = bert.config
         net = BERTClassifier(bert)
         mx.random.seed(cfg.seed, ctx='all')  # the new output layer's weights follow the seed
-        net.output.initialize(init.Xavier(), ctx=contexts)
+        # The book calls net.output.initialize() with MXNet's default, Uniform(0.07).
+        net.output.initialize(init.Uniform(0.07), ctx=contexts)
     train_loader, test_loader = load_finetuning_data(cfg, vocab)
     if cfg.max_len > config.max_len:
         raise ValueError(f'max_len {cfg.max_len} exceeds the model\'s {config.max_len}')

@@ -22,9 +22,11 @@ from ..model import BERTClassifier, BERTModel, legacy_scope
 from .checkpoint import save_checkpoint
 from .devices import parse_contexts
 from .logs import RunLog, plot_history, progress_bar
+from .schedule import learning_rate
 from .step import FinetuneStep, PretrainStep, make_trainer
 
-__all__ = ['MXNetRunner', 'initial_params', 'build_runner', 'run_training', 'params_of']
+__all__ = ['MXNetRunner', 'initial_params', 'build_runner', 'check_runner_options',
+           'run_training', 'params_of']
 
 
 def params_of(net):
@@ -45,7 +47,7 @@ class MXNetRunner:
     name = 'mxnet'
 
     def __init__(self, config: BERTConfig, params, task='pretrain', lr=1e-3, seed=0,
-                 devices=None):
+                 devices=None, clip_norm=None):
         self.config, self.task = config, task
         self.contexts = parse_contexts(devices)
         self.net = BERTModel(config) if task == 'pretrain' else BERTClassifier(config)
@@ -55,8 +57,12 @@ class MXNetRunner:
         kvstore = mx.kv.create('device') if len(self.contexts) > 1 else None
         self.trainer = make_trainer(self.net.collect_params(), lr, kvstore)
         step_cls = PretrainStep if task == 'pretrain' else FinetuneStep
-        self.step = step_cls(self.net, self.trainer, self.contexts)
+        self.step = step_cls(self.net, self.trainer, self.contexts, clip_norm)
         mx.random.seed(seed)
+
+    def set_learning_rate(self, lr: float) -> None:
+        """The learning rate of the next steps (schedules call this before every step)."""
+        self.trainer.set_learning_rate(lr)
 
     def train_step_async(self, batch):
         a, b = self.step(batch)
@@ -73,8 +79,11 @@ class MXNetRunner:
                 for k in ('tokens', 'segments', 'valid_lens')]
         if self.task == 'finetune':
             return self.net(*args).asnumpy()
+        positions = batch.get('pred_positions')
+        if positions is not None:
+            args.append(mx.nd.array(positions, ctx=ctx, dtype=positions.dtype))
         _, mlm, nsp = self.net(*args)
-        return None, nsp.asnumpy()
+        return (None if mlm is None else mlm.asnumpy()), nsp.asnumpy()
 
     def params(self):
         return params_of(self.net)
@@ -96,12 +105,20 @@ def initial_params(cfg: TrainConfig, vocab_size=None):
         return config, params_of(net), vocab, (loader, None)
     bert, vocab = load_bert(cfg.init, [mx.cpu()])
     clf = BERTClassifier(bert)
-    clf.output.initialize(init.Xavier())
+    clf.output.initialize(init.Uniform(0.07))  # as the book and train.finetune do
     return bert.config, params_of(clf), vocab, load_finetuning_data(cfg, vocab)
 
 
+def check_runner_options(cfg: TrainConfig, framework: str) -> None:
+    """Refuse what a framework's runner cannot do, before any training starts."""
+    if framework != 'mxnet' and cfg.devices not in (None, '', 'auto'):
+        raise ValueError(f'--devices {cfg.devices} is for MXNet; the {framework} port trains '
+                         'on one device (the first GPU, else the CPU): leave --devices out')
+
+
 def build_runner(framework, config, params, cfg: TrainConfig):
-    kwargs = dict(task=cfg.task, lr=cfg.lr, seed=cfg.seed)
+    check_runner_options(cfg, framework)
+    kwargs = dict(task=cfg.task, lr=cfg.lr, seed=cfg.seed, clip_norm=cfg.clip_norm)
     if framework == 'mxnet':
         return MXNetRunner(config, params, devices=cfg.devices, **kwargs)
     from ..ports.runners import make_runner
@@ -125,6 +142,7 @@ def run_training(cfg: TrainConfig, resume=False, progress=None, start=None):
     if resume:
         raise ValueError(f'--resume is supported by the MXNet loops; not with --framework '
                          f'{cfg.framework}')
+    check_runner_options(cfg, cfg.framework)
     config, params, vocab, (train_loader, eval_loader) = start or initial_params(cfg)
     runner = build_runner(cfg.framework, config, params, cfg)
     log = RunLog(cfg.out_dir)
@@ -135,6 +153,9 @@ def run_training(cfg: TrainConfig, resume=False, progress=None, start=None):
     while step < total:
         epoch, index = divmod(step, len(train_loader))
         batch = train_loader.make_batch(train_loader.batch_indices(epoch)[index])
+        # the same schedule as the MXNet loops: a pure function of the step
+        runner.set_learning_rate(learning_rate(step, cfg.lr, total, cfg.warmup_steps,
+                                               cfg.schedule))
         pending.append(runner.train_step_async(batch))
         step += 1
         bar.update(1)

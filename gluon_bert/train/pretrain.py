@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 import mxnet as mx
 from mxnet import init
@@ -22,7 +23,8 @@ def load_pretraining_data(cfg: TrainConfig, vocab=None):
     """(BatchLoader, vocab) for WikiText-2 in cfg.data_dir, or the shipped sample."""
     from ..data import BatchLoader, WikiTextDataset, read_wiki, sample_dir
     data_dir = cfg.data_dir or sample_dir('wikitext-2')
-    paragraphs = read_wiki(data_dir)
+    # the paragraph order and the examples both follow the run's seed
+    paragraphs = read_wiki(data_dir, random.Random(cfg.seed))
     dataset = WikiTextDataset(paragraphs, cfg.max_len, vocab=vocab, seed=cfg.seed)
     arrays = dataset.arrays
     if cfg.train_limit:
