@@ -69,6 +69,27 @@ class BERTConfig:
         fields = dict(PRESETS[name], **overrides)
         return cls(vocab_size=vocab_size, preset=name, **fields)
 
+    @classmethod
+    def from_args(cls, config, *args, **kwargs) -> 'BERTConfig':
+        """A BERTConfig as is, or one from the book's constructor arguments
+        `(vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks, dropout,
+        max_len=1000)`, positional or by keyword: every framework's BERTModel takes both."""
+        if isinstance(config, cls):
+            if args or kwargs:
+                raise TypeError("pass either a BERTConfig or the book's arguments, not both")
+            return config
+        names = ('vocab_size', 'num_hiddens', 'ffn_num_hiddens', 'num_heads', 'num_blks',
+                 'dropout', 'max_len')
+        if len(args) >= len(names):
+            raise TypeError(f'BERTModel takes at most {len(names)} arguments: '
+                            f'{", ".join(names)}')
+        fields = dict(zip(names, (config,) + tuple(args)))
+        for key, value in kwargs.items():
+            if key in fields:
+                raise TypeError(f'argument {key!r} given twice')
+            fields[key] = value
+        return cls(**fields)
+
     def replace(self, **changes) -> 'BERTConfig':
         return dataclasses.replace(self, **changes)
 

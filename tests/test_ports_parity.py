@@ -179,7 +179,10 @@ def test_d2l_torch_matches_mxnet_and_our_port(case):
                                c.num_blks, c.dropout, c.max_len)
     book.load_state_dict(convert.to_d2l_torch(case.bert_params, c))  # materialises LazyLinear
     book.eval()
-    ours = torch_bert.BERTModel(c)
+    # built as the book builds it: the same positional arguments
+    ours = torch_bert.BERTModel(c.vocab_size, c.num_hiddens, c.ffn_num_hiddens, c.num_heads,
+                                c.num_blks, c.dropout, c.max_len)
+    assert ours.config == c.replace(preset=None)
     ours.load_state_dict(convert.mxnet_to_torch(case.bert_params, c))
     ours.eval()
     b = {k: torch.as_tensor(v) for k, v in case.pre.items()}
@@ -193,6 +196,16 @@ def test_d2l_torch_matches_mxnet_and_our_port(case):
     # And the book's state dict comes back to the same MXNet weights.
     back = convert.from_d2l_torch(book.state_dict(), c)
     assert all(onp.array_equal(back[n], a) for n, a in case.bert_params.items())
+
+
+def test_torch_classifier_takes_the_books_single_tuple(case):
+    torch = pytest.importorskip('torch')
+    from gluon_bert.ports import torch_bert
+    clf = torch_bert.BERTClassifier(case.config).eval()
+    b = {k: torch.as_tensor(v) for k, v in case.pre.items()}
+    inputs = (b['tokens'], b['segments'], b['valid_lens'])
+    with torch.no_grad():
+        assert torch.equal(clf(inputs), clf(*inputs))
 
 
 @pytest.mark.parametrize('framework', FRAMEWORKS)

@@ -18,22 +18,6 @@ from .layers import Dense, LegacyBoundary
 __all__ = ['BERTModel', 'BERTClassifier', 'cls_hidden']
 
 
-def _config_from_args(config, args, kwargs) -> BERTConfig:
-    """Accept a BERTConfig, or the book's positional/keyword arguments."""
-    if isinstance(config, BERTConfig):
-        if args or kwargs:
-            raise TypeError('pass either a BERTConfig or the book\'s arguments, not both')
-        return config
-    names = ('vocab_size', 'num_hiddens', 'ffn_num_hiddens', 'num_heads', 'num_blks',
-             'dropout', 'max_len')
-    fields = dict(zip(names, (config,) + tuple(args)))
-    for key, value in kwargs.items():
-        if key in fields:
-            raise TypeError(f'argument {key!r} given twice')
-        fields[key] = value
-    return BERTConfig(**fields)
-
-
 def cls_hidden(F, hidden, encoded_X):
     """The book's pooled representation: hidden(encoded_X[:, 0, :])."""
     cls = F.slice_axis(encoded_X, axis=1, begin=0, end=1)  # (B, L, H) -> (B, 1, H)
@@ -54,7 +38,7 @@ class BERTModel(LegacyBoundary, nn.HybridBlock):
         prefix = kwargs.pop('prefix', None)
         params = kwargs.pop('params', None)
         super().__init__(prefix=prefix, params=params)
-        self.config = _config_from_args(config, args, kwargs)
+        self.config = BERTConfig.from_args(config, *args, **kwargs)
         c = self.config
         with self.name_scope():
             self.encoder = BERTEncoder(c.vocab_size, c.num_hiddens, c.ffn_num_hiddens,

@@ -213,13 +213,16 @@ def _xavier_(module):
 class BERTModel(nn.Module):
     """BERT with its pretraining heads.
 
+    `BERTModel(config)` or the book's `BERTModel(vocab_size, num_hiddens, ffn_num_hiddens,
+    num_heads, num_blks, dropout, max_len=1000)`.
+
     Call: `(tokens, segments, valid_lens=None, pred_positions=None)` ->
     `(encoded_X (B, L, H), mlm_Y_hat (B, P, V) or None, nsp_Y_hat (B, 2))`.
     """
 
-    def __init__(self, config: BERTConfig):
+    def __init__(self, config, *args, **kwargs):
         super().__init__()
-        self.config = c = config
+        self.config = c = BERTConfig.from_args(config, *args, **kwargs)
         self.encoder = BERTEncoder(c.vocab_size, c.num_hiddens, c.ffn_num_hiddens, c.num_heads,
                                    c.num_blks, c.dropout, c.max_len)
         self.hidden = Dense(c.num_hiddens, c.num_hiddens, activation='tanh')
@@ -239,7 +242,8 @@ class BERTClassifier(nn.Module):
     """The fine-tuning model: a (pretrained) encoder and `hidden` layer + a new output layer.
 
     `BERTClassifier(bert)` shares `bert.encoder` and `bert.hidden`; `BERTClassifier(config)`
-    builds fresh ones. Call: `(tokens, segments, valid_lens)` -> logits (B, C).
+    builds fresh ones. Call: `(tokens, segments, valid_lens)` -> logits (B, C); the book's
+    single-tuple form `net((tokens, segments, valid_lens))` works too.
     """
 
     def __init__(self, bert_or_config, num_classes=None):
@@ -261,7 +265,9 @@ class BERTClassifier(nn.Module):
         nn.init.uniform_(self.output.weight, -0.07, 0.07)
         nn.init.zeros_(self.output.bias)
 
-    def forward(self, tokens, segments, valid_lens=None):
+    def forward(self, tokens, segments=None, valid_lens=None):
+        if segments is None and isinstance(tokens, (list, tuple)):
+            tokens, segments, valid_lens = tokens  # the book's net((tokens, segments, lens))
         encoded_X = self.encoder(tokens, segments, valid_lens)       # (B, L, H)
         return self.output(cls_hidden(self.hidden, encoded_X))       # (B, C)
 
