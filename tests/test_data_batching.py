@@ -98,3 +98,15 @@ def test_bucketed_and_max_len_batches_give_the_same_model_outputs():
             np.testing.assert_allclose(nsp[j], ref_nsp, rtol=1e-5, atol=1e-5)
             checked += 1
     assert checked == len(ds)
+
+
+def test_tuple_keys_give_the_books_loop_shapes():
+    arrays = {'tokens': np.arange(12).reshape(6, 2), 'segments': np.zeros((6, 2)),
+              'valid_lens': np.full(6, 2.0), 'labels': np.arange(6)}
+    loader = BatchLoader(arrays, 4, shuffle=False,
+                         tuple_keys=(('tokens', 'segments', 'valid_lens'), 'labels'))
+    (tokens, segments, valid_lens), y = next(iter(loader))
+    assert tokens.shape == (4, 2) and valid_lens.shape == (4,)
+    np.testing.assert_array_equal(y, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"tuple_keys \['mlm_Y'\] are not among"):
+        BatchLoader(arrays, 4, tuple_keys=('tokens', 'mlm_Y'))

@@ -110,5 +110,14 @@ def test_seed_reproduces_and_differs(paragraphs):
     it1, v1 = load_data_wiki(16, 32, seed=2)
     it2, v2 = load_data_wiki(16, 32, seed=2)
     assert v1 == v2 and 300 <= len(v1) <= 2000  # min_freq=5 vocabulary of the sample
+    batches = 0
+    # the book's loop: for tokens_X, segments_X, valid_lens_x, pred_positions_X,
+    #                      mlm_weights_X, mlm_Y, nsp_y in train_iter
     for b1, b2 in zip(it1, it2):
-        assert all(np.array_equal(b1[k], b2[k]) for k in b1)
+        tokens_X, segments_X, valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y, nsp_y = b1
+        B = len(nsp_y)  # 16, the last batch fewer
+        assert tokens_X.shape == segments_X.shape == (B, 32) and valid_lens_x.shape == (B,)
+        assert pred_positions_X.shape == mlm_weights_X.shape == mlm_Y.shape
+        assert all(np.array_equal(x1, x2) for x1, x2 in zip(b1, b2))
+        batches += 1
+    assert batches == len(it1) > 1

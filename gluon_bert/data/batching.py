@@ -11,6 +11,10 @@ Batch keys are an API shared by the training loops and the PyTorch/JAX ports:
 The order of an epoch is a pure function of ``(seed, epoch)``, so a run resumed
 at epoch ``e`` (``set_epoch(e)``) sees exactly the batches it would have seen.
 
+Iteration yields these dicts, or with ``tuple_keys`` the book's tuples, e.g.
+``PRETRAIN_KEYS`` for its pretraining loop or ``(('tokens', 'segments', 'valid_lens'),
+'labels')`` for its fine-tuning loop ``for (tokens, segments, valid_lens), y in train_iter``.
+
 ``pad_to='longest'`` trims the sequence arrays of each batch to its longest
 ``valid_len`` rounded up to ``pad_multiple``. Positions past ``valid_len`` are
 padding that attention masks out, so trimming them does not change any
@@ -39,7 +43,8 @@ class BatchLoader:
                  seed: int = 0, drop_last: bool = False, pad_to: str = 'max_len',
                  pad_multiple: int = 8, bucket: bool = False,
                  seq_keys: Sequence[str] = ('tokens', 'segments'),
-                 valid_len_key: str = 'valid_lens', bucket_batches: int = 50):
+                 valid_len_key: str = 'valid_lens', bucket_batches: int = 50,
+                 tuple_keys=None):
         if not arrays:
             raise ValueError('BatchLoader needs at least one array')
         lengths = {k: len(v) for k, v in arrays.items()}
@@ -56,7 +61,11 @@ class BatchLoader:
         missing = [k for k in seq_keys if k not in arrays] if pad_to == 'longest' else []
         if missing:
             raise ValueError(f'seq_keys {missing} are not among the arrays {sorted(arrays)}')
+        unknown = sorted(set(_flat(tuple_keys)) - set(arrays)) if tuple_keys else []
+        if unknown:
+            raise ValueError(f'tuple_keys {unknown} are not among the arrays {sorted(arrays)}')
         self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        self.tuple_keys = tuple_keys
         self.num_examples = next(iter(lengths.values()))
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -119,8 +128,19 @@ class BatchLoader:
                 batch[key] = arr[idx]
         return batch
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    def __iter__(self) -> Iterator:
         epoch = self.epoch
         self.epoch += 1
         for idx in self.batch_indices(epoch):
-            yield self.make_batch(idx)
+            batch = self.make_batch(idx)
+            yield batch if self.tuple_keys is None else _pick(batch, self.tuple_keys)
+
+
+def _flat(spec):
+    """The key names of a (nested) tuple_keys spec."""
+    return [spec] if isinstance(spec, str) else [k for s in spec for k in _flat(s)]
+
+
+def _pick(batch, spec):
+    """batch arranged as spec: a key -> its array; a tuple of specs -> a tuple."""
+    return batch[spec] if isinstance(spec, str) else tuple(_pick(batch, s) for s in spec)

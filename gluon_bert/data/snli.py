@@ -483,8 +483,8 @@ def load_data_snli(batch_size: int, max_len: int, vocab: Vocab | None = None,
     """SNLI fine-tuning loaders -> (train_iter, test_iter, vocab), as the book builds them.
 
     data_dir None reads the sample shipped with the package. The first split
-    is shuffled (seeded), the second is read in order. Loaders yield the
-    fine-tuning batch dicts of `BatchLoader`.
+    is shuffled (seeded), the second is read in order. Loaders yield the book's
+    `((tokens, segments, valid_lens), labels)`.
     """
     from .synthetic import sample_dir
     data_dir = data_dir or sample_dir('snli')
@@ -493,9 +493,10 @@ def load_data_snli(batch_size: int, max_len: int, vocab: Vocab | None = None,
                                 truncation=truncation, num_workers=num_workers)
     test_set = SNLIBERTDataset(read_snli(data_dir, test_split), max_len, train_set.vocab,
                                truncation=truncation, num_workers=num_workers)
+    book = (('tokens', 'segments', 'valid_lens'), 'labels')
     train_iter = BatchLoader(train_set.arrays, batch_size, shuffle=True, seed=seed,
-                             pad_to=pad_to, bucket=bucket)
+                             pad_to=pad_to, bucket=bucket, tuple_keys=book)
     test_iter = BatchLoader(test_set.arrays, batch_size, shuffle=False, pad_to=pad_to,
-                            bucket=bucket)
+                            bucket=bucket, tuple_keys=book)
     return train_iter, test_iter, train_set.vocab
 

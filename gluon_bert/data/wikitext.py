@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .batching import BatchLoader
+from .batching import PRETRAIN_KEYS, BatchLoader
 from .vocab import RESERVED_TOKENS, Vocab, tokenize
 
 __all__ = ['read_wiki', 'get_tokens_and_segments', 'get_next_sentence',
@@ -212,12 +212,15 @@ def load_data_wiki(batch_size: int, max_len: int, data_dir: str | None = None, s
     data_dir None reads the sample shipped with the package; pass
     ``download_extract('wikitext-2')`` or a folder with wiki.train.tokens(.gz)
     for the real data. One Random(seed) shuffles the paragraphs and draws the
-    examples; the loader shuffles with `seed` too. `loader_kwargs` go to BatchLoader
-    (pad_to, bucket, drop_last, ...).
+    examples; the loader shuffles with `seed` too. As in the book, it yields tuples
+    `(tokens, segments, valid_lens, pred_positions, mlm_weights, mlm_Y, nsp_y)`
+    (`tuple_keys=None` for dicts). `loader_kwargs` go to BatchLoader (pad_to, bucket,
+    drop_last, ...).
     """
     from .synthetic import sample_dir
     rng = random.Random(seed)
     paragraphs = read_wiki(data_dir or sample_dir('wikitext-2'), rng)
     train_set = WikiTextDataset(paragraphs, max_len, rng=rng)
     loader_kwargs.setdefault('shuffle', True)
+    loader_kwargs.setdefault('tuple_keys', PRETRAIN_KEYS)
     return BatchLoader(train_set.arrays, batch_size, seed=seed, **loader_kwargs), train_set.vocab
