@@ -19,7 +19,7 @@ from data_fixtures import local_server, zip_folder
 from gluon_bert.cli import main
 from gluon_bert.config import BERTConfig, TrainConfig
 from gluon_bert.data import sample_dir, sha1_file
-from gluon_bert.model import BERTModel
+from gluon_bert.model import BERTClassifier, BERTModel
 from gluon_bert.train import finetune, latest_checkpoint, pretrain
 
 PRE = ['--preset', 'tiny', '--batch-size', '64', '--max-len', '32', '--lr', '2e-3',
@@ -133,6 +133,24 @@ def test_pretrain_with_another_framework_writes_our_checkpoint(tmp_path):
     ckpt = latest_checkpoint(out)
     assert json.load(open(os.path.join(ckpt, 'state.json')))['framework'] == 'torch'
     net = BERTModel(BERTConfig.load(os.path.join(ckpt, 'config.json')))
+    net.load_parameters(os.path.join(ckpt, 'model.params'))  # strict: every name, every shape
+
+
+@pytest.mark.parametrize('framework', ['torch', 'jax'])
+def test_finetune_with_a_port_evaluates_and_writes_our_checkpoint(pretrained_run, tmp_path,
+                                                                 framework):
+    pytest.importorskip(framework)
+    out = str(tmp_path / f'{framework}-ft')
+    assert main(['finetune', '--framework', framework, '--init', pretrained_run, '--out-dir',
+                 out, '--num-epochs', '1', '--batch-size', '64', '--max-len', '48',
+                 '--train-limit', '256', '--warmup-steps', '2', '--schedule', 'linear',
+                 '--clip-norm', '1.0', '--no-progress']) == 0
+    rows = [json.loads(l) for l in open(os.path.join(out, 'metrics.jsonl'))]
+    assert rows[-1]['step'] == 4 and 0.0 < rows[-1]['eval_acc'] < 1.0
+    ckpt = latest_checkpoint(out)
+    state = json.load(open(os.path.join(ckpt, 'state.json')))
+    assert state['framework'] == framework and state['task'] == 'finetune'
+    net = BERTClassifier(BERTConfig.load(os.path.join(ckpt, 'config.json')))
     net.load_parameters(os.path.join(ckpt, 'model.params'))  # strict: every name, every shape
 
 
