@@ -121,3 +121,20 @@ def test_seed_reproduces_and_differs(paragraphs):
         assert all(np.array_equal(x1, x2) for x1, x2 in zip(b1, b2))
         batches += 1
     assert batches == len(it1) > 1
+
+
+@pytest.mark.integration
+def test_real_wikitext2_matches_the_hub_digests_and_the_books_counts():
+    import gzip
+    import hashlib
+    import os
+    from gluon_bert.data import DATA_HUB
+    folder = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'wikitext-2')
+    if not os.path.isdir(folder):
+        pytest.skip('../shared/data/wikitext-2 not present')
+    # the SHA-1s that downloads are checked against are those of the real files
+    for name, digest in DATA_HUB['wikitext-2'].files.items():
+        with gzip.open(os.path.join(folder, name + '.gz'), 'rb') as f:
+            assert hashlib.sha1(f.read()).hexdigest() == digest, name
+    paragraphs = read_wiki(folder, random.Random(0))
+    assert len(paragraphs) == 15496  # lines with at least two ' . ' parts, as the book counts
