@@ -29,12 +29,13 @@ def read_pairs(path):
 
 
 def predict_pairs(run, pairs, max_len=None, devices=None, batch_size=256):
-    from .data.snli import SNLIBERTDataset
+    from .data.snli import SNLIBERTDataset, tokenize_like_snli
     from .train import load_classifier, parse_contexts
     contexts = parse_contexts(devices)
     net, vocab, config = load_classifier(run, contexts)
     max_len = max_len or min(128, config.max_len)
-    premises, hypotheses = [p for p, _ in pairs], [h for _, h in pairs]
+    premises = [tokenize_like_snli(p) for p, _ in pairs]
+    hypotheses = [tokenize_like_snli(h) for _, h in pairs]
     data = SNLIBERTDataset((premises, hypotheses, [0] * len(pairs)), max_len, vocab,
                            num_workers=1)
     arrays = data.arrays

@@ -65,6 +65,12 @@ def test_finetune_learns_and_leaves_pretraining_heads_untouched(pretrained_run, 
     pairs = tmp_path / 'pairs.tsv'
     pairs.write_text('a b c .\td e .\nf g .\th i .\n')
     assert main(['predict', cfg.out_dir, '--file', str(pairs)]) == 0
+    # typed text is split as SNLI's parses split it, so it reads as the training text did
+    from gluon_bert.predict import predict_pairs
+    typed, parsed = predict_pairs(cfg.out_dir, [
+        ("A man isn't walking on the street.", 'A man walks.'),
+        ("a man is n't walking on the street .", 'a man walks .')])
+    assert typed['probabilities'] == parsed['probabilities']
 
 
 def test_bad_input_is_one_clear_line(tmp_path, capsys, pretrained_run):

@@ -188,3 +188,9 @@ def test_real_snli_dev():
         _, _, labels = read_snli(os.path.join(folder, name))
         counts[name] = np.bincount(labels).tolist()
     assert all(c == [3329, 3278, 3235] for c in counts.values()), counts
+
+
+def test_typed_text_is_split_as_the_parses_are():
+    from gluon_bert.data import snli
+    assert snli.tokenize_like_snli("A middle-aged man's shaving, which doesn't look odd.") == \
+        "A middle-aged man 's shaving , which does n't look odd ."

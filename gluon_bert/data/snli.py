@@ -27,8 +27,8 @@ import numpy as np
 from .batching import BatchLoader
 from .vocab import RESERVED_TOKENS, Vocab
 
-__all__ = ['LABELS', 'read_snli', 'SNLIFormatError', 'SNLIBERTDataset', 'load_data_snli',
-           'truncate_lengths', 'snli_file']
+__all__ = ['LABELS', 'read_snli', 'tokenize_like_snli', 'SNLIFormatError', 'SNLIBERTDataset',
+           'load_data_snli', 'truncate_lengths', 'snli_file']
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,14 @@ def read_snli(path_or_dir: str, split: str = 'train', on_error: str = 'raise',
     if report is not None:
         report.update(stats)
     return premises, hypotheses, labels
+
+
+def tokenize_like_snli(sentence: str) -> str:
+    """A raw sentence split into tokens as SNLI's parses split them (Penn Treebank rules:
+    'walking.' -> 'walking .', "isn't" -> "is n't"), joined by spaces. Text that a model was
+    fine-tuned on came from those parses, so typed input must be split the same way."""
+    from nltk.tokenize import TreebankWordTokenizer
+    return ' '.join(TreebankWordTokenizer().tokenize(sentence))
 
 
 # ---------------------------------------------------------------------------
