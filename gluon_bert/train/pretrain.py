@@ -128,7 +128,7 @@ def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool | None = Non
     bar.close()
     final = checkpoint(step)
     plot = plot_history(log.history, os.path.join(cfg.out_dir, 'loss.png'), 'step',
-                        {'pretraining loss': ['train_mlm', 'train_nsp']},
+                        {'MLM loss': ['train_mlm'], 'NSP loss': ['train_nsp']},
                         title=f'BERT pretraining ({config.preset})')
     last = log.history[-1] if log.history else {}
     return dict(checkpoint=final, step=step, mlm=last.get('train_mlm'),
