@@ -241,7 +241,7 @@ def cmd_download(args):
 def _use_every_core():
     """MXNet's CPU operators start one OpenMP thread per physical core (one on a 2-vCPU
     machine) where PyTorch and JAX use every core; measured here, every core makes our
-    pretraining step 1.25x faster. Must run before MXNet is imported; OMP_NUM_THREADS set
+    pretraining step 1.4x faster. Must run before MXNet is imported; OMP_NUM_THREADS set
     by the user wins."""
     os.environ.setdefault('OMP_NUM_THREADS', str(os.cpu_count() or 1))
 
