@@ -377,11 +377,11 @@ def _wikitext_from_parquet(entry: HubEntry, target: str, result: str,
     try:
         import pyarrow.parquet as pq
     except ImportError:
+        where = os.path.join(os.path.dirname(target), entry.filename)
         raise DownloadError(
             'The WikiText-2 zip could not be downloaded and its Hugging Face mirror is '
             "parquet, which needs pyarrow (pip install 'gluon-bert[data]'), or download "
-            f'wikitext-2-v1.zip by hand and place it at {os.path.join(os.path.dirname(target), entry.filename)}'
-        ) from None
+            f'wikitext-2-v1.zip by hand and place it at {where}') from None
     folder = os.path.dirname(target)
     tmp = tempfile.mkdtemp(prefix='.wikitext-2.', dir=folder)
     try:
