@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import importlib
-import io
 import json
 import os
-import threading
 import zipfile
 
 import mxnet as mx
@@ -15,6 +12,7 @@ import numpy as onp
 import pytest
 from mxnet import init
 
+from data_fixtures import local_server, zip_bytes
 from gluon_bert import load_pretrained
 from gluon_bert.config import BERTConfig
 from gluon_bert.model import BERTModel
@@ -32,50 +30,15 @@ def book_zip(tmp_path, name='bert.tiny', preset='tiny', vocab=TOKENS, truncate=F
     net.initialize(init.Xavier())
     params = str(tmp_path / f'{name}-{preset}.params')
     net.save_parameters(params)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, 'w') as zf:
-        zf.writestr(f'{name}/vocab.json', json.dumps(vocab))
-        zf.write(params, f'{name}/pretrained.params')
-    data = buf.getvalue()
+    data = zip_bytes({f'{name}/vocab.json': json.dumps(vocab),
+                      f'{name}/pretrained.params': open(params, 'rb').read()})
     return (data[:len(data) // 2] if truncate else data), net
-
-
-class Server:
-    """Serves {path: bytes} on 127.0.0.1 and counts requests."""
-
-    def __init__(self, files):
-        self.files, self.requests = files, []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.requests.append(self.path)
-                body = outer.files.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header('Content-Length', str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
 def server():
-    srv = Server({})
-    yield srv
-    srv.close()
+    with local_server() as srv:
+        yield srv
 
 
 @pytest.fixture
@@ -90,7 +53,7 @@ def cache(tmp_path, monkeypatch):
 
 def _register(server, name, data, sha1=None, path=None):
     path = path or f'/{name}.zip'
-    server.files[path] = data
+    server.routes[path] = ('bytes', data)
     download.register(name, server.url + path, sha1 or hashlib.sha1(data).hexdigest(),
                       filename=f'{name}.zip', folder='bert.tiny')
 
