@@ -32,8 +32,7 @@ def _add_data_args(p, what):
 
 def _add_train_args(p, task):
     g = p.add_argument_group('run')
-    what = {'pretrain': 'WikiText-2', 'finetune': 'SNLI'}.get(task, 'the data')
-    _add_data_args(g, what)
+    _add_data_args(g, _DATA_SETS.get(task, 'the data'))
     g.add_argument('--out-dir', help=f'run folder (default: runs/{task})')
     g.add_argument('--resume', action='store_true', help='continue the run in --out-dir')
     g.add_argument('--devices', help="'auto' (all GPUs, else CPU) or e.g. 'cpu(0),cpu(1)'")
@@ -79,7 +78,7 @@ def build_parser():
     _add_data_args(p, 'wikitext-2/ and snli/')
     p.add_argument('--out-dir', default='runs/reproduce')
     p.add_argument('--recipe', choices=('book', 'sample'),
-                   help='settings (default: sample without --data-dir, book with it)')
+                   help='settings (default: sample on the shipped sample, book on real data)')
     p.add_argument('--devices')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--pretrain-steps', type=int, help='override the recipe\'s step count')
