@@ -21,6 +21,11 @@ __all__ = ['finetune', 'load_bert', 'load_classifier', 'evaluate_accuracy',
            'load_finetuning_data']
 
 
+# The new output layer starts as the book's: it calls net.output.initialize(), which is
+# MXNet's default Uniform(0.07).
+OUTPUT_INIT = init.Uniform(0.07)
+
+
 def load_bert(source: str, contexts):
     """(BERTModel, vocab) from a pretraining run / checkpoint folder of ours, or anything
     `gluon_bert.load_pretrained` takes (bert.small, bert.base, a zip or folder)."""
@@ -107,8 +112,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool | None = Non
         config = bert.config
         net = BERTClassifier(bert)
         mx.random.seed(cfg.seed, ctx='all')  # the new output layer's weights follow the seed
-        # The book calls net.output.initialize() with MXNet's default, Uniform(0.07).
-        net.output.initialize(init.Uniform(0.07), ctx=contexts)
+        net.output.initialize(OUTPUT_INIT, ctx=contexts)
     train_loader, test_loader = load_finetuning_data(cfg, vocab)
     if cfg.max_len > config.max_len:
         raise ValueError(f'max_len {cfg.max_len} exceeds the model\'s {config.max_len}')

@@ -94,7 +94,7 @@ class MXNetRunner:
 
 def initial_params(cfg: TrainConfig, vocab_size=None):
     """(BERTConfig, params, vocab, loaders) that every framework starts from."""
-    from .finetune import load_bert, load_finetuning_data
+    from .finetune import OUTPUT_INIT, load_bert, load_finetuning_data
     from .pretrain import load_pretraining_data
     mx.random.seed(cfg.seed)
     if cfg.task == 'pretrain':
@@ -105,7 +105,7 @@ def initial_params(cfg: TrainConfig, vocab_size=None):
         return config, params_of(net), vocab, (loader, None)
     bert, vocab = load_bert(cfg.init, [mx.cpu()])
     clf = BERTClassifier(bert)
-    clf.output.initialize(init.Uniform(0.07))  # as the book and train.finetune do
+    clf.output.initialize(OUTPUT_INIT)
     return bert.config, params_of(clf), vocab, load_finetuning_data(cfg, vocab)
 
 
@@ -117,7 +117,6 @@ def check_runner_options(cfg: TrainConfig, framework: str) -> None:
 
 
 def build_runner(framework, config, params, cfg: TrainConfig):
-    check_runner_options(cfg, framework)
     kwargs = dict(task=cfg.task, lr=cfg.lr, seed=cfg.seed, clip_norm=cfg.clip_norm)
     if framework == 'mxnet':
         return MXNetRunner(config, params, devices=cfg.devices, **kwargs)
@@ -142,7 +141,7 @@ def run_training(cfg: TrainConfig, resume=False, progress=None, start=None):
     if resume:
         raise ValueError(f'--resume is supported by the MXNet loops; not with --framework '
                          f'{cfg.framework}')
-    check_runner_options(cfg, cfg.framework)
+    check_runner_options(cfg, cfg.framework)  # before any data is read
     config, params, vocab, (train_loader, eval_loader) = start or initial_params(cfg)
     runner = build_runner(cfg.framework, config, params, cfg)
     log = RunLog(cfg.out_dir)
