@@ -383,13 +383,14 @@ def _wikitext_from_parquet(entry: HubEntry, target: str, result: str,
             "parquet, which needs pyarrow (pip install 'gluon-bert[data]'), or download "
             f'wikitext-2-v1.zip by hand and place it at {where}') from None
     folder = os.path.dirname(target)
+    mirror = os.path.join(folder, 'hf-wikitext-2-v1')  # the parquet files, cached
     tmp = tempfile.mkdtemp(prefix='.wikitext-2.', dir=folder)
     try:
         inner = os.path.join(tmp, entry.folder)
         os.makedirs(inner)
         for split, fname in _WIKITEXT_SPLITS.items():
             url = _HF_WIKITEXT.format(split=split)
-            parquet = download(url, os.path.join(folder, 'hf-wikitext-2-v1'), progress=progress)
+            parquet = download(url, mirror, progress=progress)
             rows = pq.read_table(parquet, columns=['text']).column('text').to_pylist()
             # The parquet rows are the lines of the original file, blank lines as ''.
             with open(os.path.join(inner, fname), 'w', encoding='utf-8', newline='') as f:
@@ -398,7 +399,7 @@ def _wikitext_from_parquet(entry: HubEntry, target: str, result: str,
             _files_ok(inner, entry.files, check=True)
         except DownloadError:
             # the parquet files have no SHA-1 of their own: drop them so a retry refetches
-            shutil.rmtree(os.path.join(folder, 'hf-wikitext-2-v1'), ignore_errors=True)
+            shutil.rmtree(mirror, ignore_errors=True)
             raise
         _install_dir(tmp, target)
     finally:
