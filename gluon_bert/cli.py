@@ -248,14 +248,9 @@ def _use_every_core():
 def main(argv=None):
     _use_every_core()
     args = build_parser().parse_args(argv)
-    from .train.checkpoint import CheckpointError
+    from .errors import GluonBertError
     from .train.common import TrainingInterrupted
-    expected = (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError, KeyError)
-    try:
-        from .data.download import DownloadError
-        expected += (DownloadError,)
-    except ImportError:  # pragma: no cover
-        pass
+    expected = (GluonBertError, ValueError, FileNotFoundError, NotADirectoryError, KeyError)
     try:
         if args.command in ('pretrain', 'finetune'):
             cmd_train(args, args.command)
