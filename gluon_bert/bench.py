@@ -54,7 +54,7 @@ def _time_steps(step, sync, steps, warmup):
 
 def _mxnet_step(config, params, batch, task, devices):
     import mxnet as mx
-    from .train.frameworks import MXNetRunner
+    from .train.runners import MXNetRunner
     runner = MXNetRunner(config, params, task=task, lr=1e-4, devices=devices)
     return (lambda: runner.train_step_async(batch)), mx.nd.waitall, str(runner.contexts)
 
@@ -95,7 +95,7 @@ def _d2l_step(config, params, batch, task, devices):
 
 
 def _port_step(framework, config, params, batch, task):
-    from .ports.runners import make_runner
+    from .train.runners import make_runner
     name = 'torch' if framework.startswith('torch') else framework
     kwargs = dict(task=task, lr=1e-4)
     if framework == 'torch.compile':
@@ -154,7 +154,7 @@ def run_bench(frameworks=('mxnet', 'd2l', 'torch', 'jax'), task='pretrain',
     from .config import BERTConfig
     from .model import BERTClassifier, BERTModel
     from .ports.synthetic import synthetic_batch
-    from .train.frameworks import params_of
+    from .ports.convert import mxnet_params as params_of
     config = BERTConfig.from_preset(preset, vocab_size=vocab_size)
     mx.random.seed(seed)
     net = BERTModel(config) if task == 'pretrain' else BERTClassifier(config)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 __all__ = ['main', 'build_parser']
@@ -34,12 +35,15 @@ def _add_train_args(p, task):
     g = p.add_argument_group('run')
     _add_data_args(g, _DATA_SETS.get(task, 'the data'))
     g.add_argument('--out-dir', help=f'run folder (default: runs/{task})')
-    g.add_argument('--resume', action='store_true', help='continue the run in --out-dir')
+    g.add_argument('--resume', action='store_true',
+                   help='continue the run in --out-dir with its own settings (only the '
+                        'length, log/checkpoint intervals and devices may change)')
     g.add_argument('--devices', help="'auto' (all GPUs, else CPU) or e.g. 'cpu(0),cpu(1)'")
     g.add_argument('--kvstore', help="gradient reduction: device, local, dist_sync, ...")
     g.add_argument('--seed', type=int)
     if task != 'both':
-        g.add_argument('--framework', choices=('mxnet', 'torch', 'jax'), default='mxnet')
+        g.add_argument('--framework', choices=('mxnet', 'torch', 'jax'),
+                       help='mxnet (default), or train with the PyTorch or JAX port')
     g.add_argument('--no-progress', action='store_true', help='no progress bar')
     h = p.add_argument_group('hyper-parameters (the book\'s by default)')
     h.add_argument('--batch-size', type=int)
@@ -136,21 +140,10 @@ def _resolve_data(args, task):
     args.__dict__.pop('download', None)
 
 
-def _train_config(args, task):
-    from .config import TrainConfig
-    _resolve_data(args, task)
-    fields = {k: v for k, v in vars(args).items()
-              if k not in ('command', 'resume', 'no_progress')}
-    return TrainConfig.for_task(task, **fields)
-
-
-def _run_training(cfg, resume, progress):
-    from .train import finetune, pretrain
-    if cfg.framework != 'mxnet':
-        from .train.frameworks import run_training  # one loop over every framework
-        return run_training(cfg, resume=resume, progress=progress)
-    fn = pretrain if cfg.task == 'pretrain' else finetune
-    return fn(cfg, resume=resume, progress=progress)
+def _given_settings(args):
+    """The training settings named on the command line (None: not given)."""
+    return {k: v for k, v in vars(args).items()
+            if k not in ('command', 'resume', 'no_progress') and v is not None}
 
 
 def _print_summary(result):
@@ -160,8 +153,14 @@ def _print_summary(result):
 
 
 def cmd_train(args, task):
-    cfg = _train_config(args, task)
-    _print_summary(_run_training(cfg, args.resume, False if args.no_progress else None))
+    from .config import TrainConfig
+    from .train.loop import train
+    _resolve_data(args, task)
+    given = _given_settings(args)
+    cfg = TrainConfig.for_task(task, **given)  # every setting checked before anything runs
+    result = train(cfg, resume=args.resume, progress=False if args.no_progress else None,
+                   given=given)
+    _print_summary({k: v for k, v in result.items() if k != 'history'})
 
 
 def cmd_reproduce(args):
@@ -204,6 +203,10 @@ def cmd_evaluate(args):
     _resolve_data(args, 'finetune')
     contexts = parse_contexts(args.devices)
     net, vocab, config = load_classifier(args.run, contexts)
+    if args.max_len and args.max_len > config.max_len:
+        from .errors import ConfigError
+        raise ConfigError(f'--max-len {args.max_len} exceeds the model\'s {config.max_len} '
+                          'positions: choose at most that')
     net.hybridize(static_alloc=True, static_shape=True)
     cfg = TrainConfig.for_task('finetune', data_dir=args.data_dir, train_split=args.split,
                                eval_split=args.split, batch_size=args.batch_size,
@@ -267,12 +270,21 @@ def main(argv=None):
         elif args.command == 'download':
             cmd_download(args)
     except TrainingInterrupted as stop:
-        print(f'gluon-bert: interrupted; state saved in {stop.checkpoint} '
-              '(continue with --resume)', file=sys.stderr)
+        print(f'gluon-bert {args.command}: {signal.Signals(stop.signum).name}: stopped; '
+              f'state saved in {stop.checkpoint} (continue with --resume)', file=sys.stderr)
+        return 128 + int(stop.signum)
+    except KeyboardInterrupt:
+        print(f'gluon-bert {args.command}: interrupted before training started; nothing '
+              'to save', file=sys.stderr)
         return 130
     except expected as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f'gluon-bert {args.command}: error: {msg}', file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only or missing folder, ...
+        where = f' ({err.filename})' if err.filename else ''
+        print(f'gluon-bert {args.command}: error: {err.strerror or err}{where}',
+              file=sys.stderr)
         return 2
     return 0
 

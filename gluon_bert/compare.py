@@ -29,11 +29,11 @@ def _available(framework):
 
 
 def compare(task, frameworks=FRAMEWORKS, out_dir='runs/compare', progress=None, **settings):
-    from .train.frameworks import check_runner_options, initial_params, run_training
+    from .train.loop import initial_state, train
     cfg = TrainConfig.for_task(task, out_dir=out_dir, **settings)
     for fw in frameworks:  # refuse before anything runs, not after the first framework
-        check_runner_options(cfg, fw)
-    start = initial_params(cfg)
+        cfg.replace(framework=fw)  # validates the settings for that framework
+    start = initial_state(cfg)
     results, skipped = {}, {}
     for fw in frameworks:
         why = _available(fw)
@@ -41,7 +41,7 @@ def compare(task, frameworks=FRAMEWORKS, out_dir='runs/compare', progress=None, 
             skipped[fw] = why
             continue
         run_cfg = cfg.replace(framework=fw, out_dir=os.path.join(out_dir, fw))
-        results[fw] = run_training(run_cfg, progress=progress, start=start)
+        results[fw] = train(run_cfg, progress=progress, start=start)
     if not results:
         raise ValueError('no framework could run: ' + '; '.join(skipped.values()))
     summary = dict(task=task, date=datetime.date.today().isoformat(),

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
+
+from .errors import ConfigError
 
 __all__ = ['BERTConfig', 'TrainConfig', 'PRESETS', 'preset_names']
 
@@ -53,18 +56,18 @@ class BERTConfig:
                       'num_blks', 'max_len', 'num_classes'):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f'BERTConfig.{field} must be a positive integer, got {value!r}')
+                raise ConfigError(f'BERTConfig.{field} must be a positive integer, got {value!r}')
         if self.num_hiddens % self.num_heads:
-            raise ValueError(f'num_hiddens ({self.num_hiddens}) must be divisible by '
+            raise ConfigError(f'num_hiddens ({self.num_hiddens}) must be divisible by '
                              f'num_heads ({self.num_heads})')
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f'dropout must be in [0, 1), got {self.dropout!r}')
+            raise ConfigError(f'dropout must be in [0, 1), got {self.dropout!r}')
 
     # -- construction ---------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, vocab_size: int, **overrides) -> 'BERTConfig':
         if name not in PRESETS:
-            raise ValueError(f'unknown BERT preset {name!r}; known presets: '
+            raise ConfigError(f'unknown BERT preset {name!r}; known presets: '
                              f'{", ".join(preset_names())}')
         fields = dict(PRESETS[name], **overrides)
         return cls(vocab_size=vocab_size, preset=name, **fields)
@@ -127,6 +130,16 @@ class BERTConfig:
 
 
 TASKS = ('pretrain', 'finetune')
+FRAMEWORKS = ('mxnet', 'torch', 'jax')
+SCHEDULES = ('constant', 'linear', 'cosine')
+# 'device' reduces gradients on the GPUs, 'local' on the CPU, 'none' not at all (one
+# device); the dist_* ones are MXNet's parameter server across processes and machines.
+KVSTORES = ('device', 'local', 'none', 'dist_sync', 'dist_device_sync', 'dist_async')
+# What a resumed run may change: its length, how often it logs and checkpoints, and where
+# it runs (losses are normalised by the global batch, so the devices do not change the
+# result). Everything else is the checkpoint's.
+RESUME_CHANGEABLE = ('num_steps', 'num_epochs', 'log_interval', 'checkpoint_interval',
+                     'devices', 'kvstore')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,18 +176,44 @@ class TrainConfig:
     framework: str = 'mxnet'
 
     def __post_init__(self):
+        """Every setting is checked here, before a run reads data or writes anything."""
+        def bad(field, why):
+            flag = '--' + field.replace('_', '-')
+            return ConfigError(f'{field} must be {why}, got {getattr(self, field)!r} ({flag})')
+
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
         if self.task not in TASKS:
-            raise ValueError(f'task must be one of {TASKS}, got {self.task!r}')
+            raise ConfigError(f'task must be one of {TASKS}, got {self.task!r}')
         for field in ('batch_size', 'max_len', 'num_steps', 'num_epochs', 'log_interval'):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f'{field} must be a positive integer, got {value!r}')
-        if self.lr <= 0:
-            raise ValueError(f'lr must be positive, got {self.lr!r}')
+            if not is_int(getattr(self, field)) or getattr(self, field) <= 0:
+                raise bad(field, 'a positive integer')
+        for field in ('warmup_steps', 'checkpoint_interval', 'train_limit', 'holdout', 'seed'):
+            if not is_int(getattr(self, field)) or getattr(self, field) < 0:
+                raise bad(field, 'a non-negative integer')
+        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise bad('lr', 'a positive finite number')
+        if self.clip_norm is not None and (not isinstance(self.clip_norm, (int, float)) or
+                                           not math.isfinite(self.clip_norm) or
+                                           self.clip_norm <= 0):
+            raise bad('clip_norm', 'a positive finite number (leave it out for no clipping)')
         if self.pad_to not in ('max_len', 'longest'):
-            raise ValueError(f"pad_to must be 'max_len' or 'longest', got {self.pad_to!r}")
+            raise bad('pad_to', "'max_len' or 'longest'")
         if self.max_len < 8:
-            raise ValueError(f'max_len must be at least 8, got {self.max_len}')
+            raise bad('max_len', 'at least 8')
+        if self.schedule not in SCHEDULES:
+            raise bad('schedule', 'one of ' + ', '.join(SCHEDULES))
+        if self.kvstore not in KVSTORES:
+            raise bad('kvstore', 'one of ' + ', '.join(KVSTORES))
+        if self.framework not in FRAMEWORKS:
+            raise bad('framework', 'one of ' + ', '.join(FRAMEWORKS))
+        if self.framework != 'mxnet' and self.devices not in (None, '', 'auto'):
+            raise ConfigError(f'--devices {self.devices} is for MXNet; the {self.framework} '
+                              'port trains on one device (the first GPU, else the CPU): '
+                              'leave --devices out')
+        if not self.out_dir:
+            raise bad('out_dir', 'a folder')
 
     @classmethod
     def for_task(cls, task: str, **overrides) -> 'TrainConfig':
@@ -187,6 +226,25 @@ class TrainConfig:
 
     def replace(self, **changes) -> 'TrainConfig':
         return dataclasses.replace(self, **changes)
+
+    def resumed_with(self, given: Mapping[str, Any]) -> tuple['TrainConfig', dict[str, Any]]:
+        """This config (a checkpoint's) with the settings that a resumed run was given ->
+        (config, {setting: new value}). Settings that would change what was already
+        trained are refused; those in RESUME_CHANGEABLE are taken (and returned, for the
+        record). Settings not given (None) keep the checkpoint's value."""
+        known = {f.name for f in dataclasses.fields(self)}
+        changes = {}
+        for key, value in given.items():
+            if value is None or key not in known or value == getattr(self, key):
+                continue
+            if key not in RESUME_CHANGEABLE:
+                flag = '--' + key.replace('_', '-')
+                raise ConfigError(
+                    f'{flag} {value} conflicts with the run being resumed ({key} '
+                    f'{getattr(self, key)!r}); leave it out to continue with the run\'s own '
+                    f'settings, or start a new run in another --out-dir')
+            changes[key] = value
+        return self.replace(**changes), changes
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,48 +1,64 @@
-"""Pieces both training loops share: devices, resume, reproducible dropout, timing."""
+"""Pieces the training loop shares with the rest of the package: signals, reproducible
+dropout, timing."""
 from __future__ import annotations
 
-import os
+import signal
+import threading
 import time
 
-import mxnet as mx
-
-from .checkpoint import latest_checkpoint, read_state, CheckpointError
-from .devices import make_kvstore, parse_contexts
-
-__all__ = ['setup_devices', 'seed_step', 'find_resume', 'Throughput', 'TrainingInterrupted']
+__all__ = ['seed_step', 'Throughput', 'TrainingInterrupted', 'StopSignals']
 
 
 class TrainingInterrupted(Exception):
-    """Raised after Ctrl-C once the run's state has been saved."""
+    """Raised after SIGINT (Ctrl-C) or SIGTERM once the run's state has been saved."""
 
-    def __init__(self, checkpoint):
-        super().__init__(f'interrupted; saved {checkpoint}')
-        self.checkpoint = checkpoint
+    def __init__(self, checkpoint, signum=signal.SIGINT):
+        name = signal.Signals(signum).name
+        super().__init__(f'{name}: stopped; saved {checkpoint}')
+        self.checkpoint, self.signum = checkpoint, signum
 
 
-def setup_devices(cfg):
-    contexts = parse_contexts(cfg.devices)
-    return contexts, make_kvstore(cfg.kvstore, contexts)
+class StopSignals:
+    """While active, SIGINT and SIGTERM only ask the loop to stop: it finishes the step (or
+    the evaluation) it is in, saves a checkpoint and returns. Batch schedulers send SIGTERM
+    before they kill a job, so it is treated as Ctrl-C is. Signals that come while the
+    checkpoint is written change nothing, so a second Ctrl-C cannot lose the save.
+    Outside the main thread (where Python cannot take signals) it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        from .logs import get_logger
+        if self.received is None:
+            self.received = signum
+            get_logger().warning(f'{signal.Signals(signum).name}: finishing this step, then '
+                                 'saving a checkpoint and stopping')
+        else:
+            get_logger().warning(f'{signal.Signals(signum).name}: already stopping; the '
+                                 'checkpoint is being written')
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
 
 
 def seed_step(seed: int, step: int):
     """Dropout masks as a pure function of (seed, step): a resumed run draws the same ones.
     (MXNet cannot save its generator state, so it is re-seeded before every update.)"""
-    mx.random.seed((seed * 1_000_003 + step) % (2 ** 31), ctx='all')
-
-
-def find_resume(cfg, resume: bool):
-    """The checkpoint to continue from, or None. Refuses to silently overwrite a run."""
-    ckpt = latest_checkpoint(cfg.out_dir)
-    if ckpt is None:
-        return None
-    if not resume:
-        raise CheckpointError(f'{cfg.out_dir} already holds a run ({os.path.basename(ckpt)}); '
-                              'pass --resume to continue it or choose another --out-dir')
-    state = read_state(ckpt)
-    if state.get('task') != cfg.task:
-        raise CheckpointError(f'{ckpt} is a {state.get("task")} checkpoint, not {cfg.task}')
-    return ckpt
+    import mxnet as mx
+    from .runners import step_seed
+    mx.random.seed(step_seed(seed, step), ctx='all')
 
 
 class Throughput:
@@ -71,4 +87,5 @@ class Throughput:
 
     @property
     def rate(self):
-        return self.examples / self.seconds if self.seconds else float('nan')
+        """Examples per second, or None before any timed step."""
+        return self.examples / self.seconds if self.seconds and self.examples else None

@@ -12,7 +12,9 @@ import re
 
 import mxnet as mx
 
-__all__ = ['try_all_gpus', 'parse_contexts', 'make_kvstore', 'describe']
+from ..errors import ConfigError
+
+__all__ = ['try_all_gpus', 'parse_contexts', 'check_kvstore', 'make_kvstore', 'describe']
 
 _CTX = re.compile(r'^\s*(cpu|gpu)\s*\(\s*(\d+)\s*\)\s*$|^\s*(cpu|gpu)\s*:?\s*(\d*)\s*$')
 
@@ -30,17 +32,28 @@ def parse_contexts(spec: str | None):
     for part in spec.split(','):
         m = _CTX.match(part)
         if not m:
-            raise ValueError(f'cannot read device {part.strip()!r}: use cpu(0), gpu(1), '
+            raise ConfigError(f'cannot read device {part.strip()!r}: use cpu(0), gpu(1), '
                              'a comma-separated list, or auto')
         kind = m.group(1) or m.group(3)
         index = int(m.group(2) or m.group(4) or 0)
         if kind == 'gpu' and index >= mx.context.num_gpus():
-            raise ValueError(f'gpu({index}) requested but MXNet sees '
+            raise ConfigError(f'gpu({index}) requested but MXNet sees '
                              f'{mx.context.num_gpus()} GPU(s)')
         contexts.append(mx.gpu(index) if kind == 'gpu' else mx.cpu(index))
     if len(set(map(str, contexts))) != len(contexts):
-        raise ValueError(f'device listed twice in {spec!r}')
+        raise ConfigError(f'device listed twice in {spec!r}')
     return contexts
+
+
+def check_kvstore(kind: str | None, contexts) -> None:
+    """Refuse a KVStore that cannot run here, before anything else happens."""
+    if kind and kind.startswith('dist') and 'DMLC_ROLE' not in os.environ:
+        raise ConfigError(f'--kvstore {kind} needs the DMLC_* environment of a distributed '
+                          'launcher (scheduler, servers, workers); without one, leave '
+                          '--kvstore out to train on this machine')
+    if kind == 'none' and len(contexts) > 1:
+        raise ConfigError(f'--kvstore none cannot reduce gradients across {len(contexts)} '
+                          'devices: use device or local')
 
 
 def make_kvstore(kind: str, contexts):
@@ -48,11 +61,9 @@ def make_kvstore(kind: str, contexts):
 
     'device' reduces on the GPUs, 'local' on the CPU, 'dist_*' across machines.
     """
+    check_kvstore(kind, contexts)
     if kind in ('none', None) or (len(contexts) == 1 and not kind.startswith('dist')):
         return None
-    if kind.startswith('dist') and 'DMLC_ROLE' not in os.environ:
-        raise RuntimeError(f'kvstore {kind!r} needs the DMLC_* environment that MXNet\'s '
-                           'launcher (tools/launch.py) sets; run under it')
     return mx.kv.create(kind)
 
 

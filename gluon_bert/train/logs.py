@@ -37,21 +37,27 @@ class RunLog:
     """
 
     def __init__(self, run_dir, history=None):
-        os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, 'metrics.jsonl')
         self.history = list(history or [])
         self.log = get_logger()
         # A resumed run rewrites the file from its checkpoint's history, so that lines
-        # logged after the last checkpoint (and then lost) do not appear twice.
-        with open(self.path, 'w', encoding='utf-8') as f:
-            for row in self.history:
-                f.write(json.dumps(row, sort_keys=True) + '\n')
+        # logged after the last checkpoint (and then lost) do not appear twice; a fresh
+        # run starts it with its first row (a failed start leaves no empty file).
+        if self.history:
+            tmp = self.path + '.tmp'
+            with open(tmp, 'w', encoding='utf-8') as f:
+                for row in self.history:
+                    f.write(json.dumps(row, sort_keys=True, allow_nan=False) + '\n')
+            os.replace(tmp, self.path)
+        elif os.path.exists(self.path):
+            os.remove(self.path)
 
     def write(self, row: dict):
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+        line = json.dumps(row, sort_keys=True, allow_nan=False)  # NaN is not JSON
         self.history.append(row)
         with open(self.path, 'a', encoding='utf-8') as f:
-            f.write(json.dumps(row, sort_keys=True) + '\n')
+            f.write(line + '\n')
         self.log.info(' '.join(f'{k} {v}' for k, v in row.items()))
 
 

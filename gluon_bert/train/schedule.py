@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ['learning_rate', 'SCHEDULES']
+from ..config import SCHEDULES  # one list of schedules, checked with the other settings
 
-SCHEDULES = ('constant', 'linear', 'cosine')
+__all__ = ['learning_rate', 'SCHEDULES']
 
 
 def learning_rate(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0,
