@@ -1,6 +1,7 @@
 """The download module against a local HTTP server on 127.0.0.1."""
 import hashlib
 import importlib
+import json
 import os
 
 import pytest
@@ -44,7 +45,7 @@ def test_download_then_cache_reuse_without_requests(server, hub, tmp_path):
     assert open(path, 'rb').read() == DATA and len(server.requests) == 1
     assert dl.download('thing', str(tmp_path)) == path
     assert len(server.requests) == 1  # cached file with the right SHA-1: no request
-    assert sorted(os.listdir(tmp_path)) == ['f.bin', 'f.bin.lock']
+    assert sorted(os.listdir(tmp_path)) == ['f.bin']  # no lock file left behind
 
 
 def test_redirect_and_mirror_order(server, hub, tmp_path):
@@ -64,7 +65,7 @@ def test_http_errors_are_never_saved(server, hub, tmp_path, code):
     dl.register('thing', server.url + '/f.bin', SHA1)
     with pytest.raises(dl.DownloadError, match=f'HTTP {code}.*/f.bin'):
         dl.download('thing', str(tmp_path))
-    assert [f for f in os.listdir(tmp_path) if not f.endswith('.lock')] == []
+    assert os.listdir(tmp_path) == []
 
 
 def test_wrong_sha1_is_not_kept(server, hub, tmp_path):
@@ -200,6 +201,131 @@ def test_wikitext_from_parquet_mirror_when_the_zips_fail(server, hub, tmp_path, 
     assert folder == os.path.join(target, 'wikitext-2')
     for fname, lines in originals.items():  # byte-identical to the original files
         assert open(os.path.join(folder, fname), 'rb').read() == ''.join(lines).encode()
+    manifest = json.load(open(os.path.join(target, dl.MANIFEST)))
+    assert {f'wikitext-2/{f}': d for f, d in digests.items()} == {
+        rel: record['sha1'] for rel, record in manifest['files'].items()}
     n = len(server.requests)
     assert dl.download_extract('wikitext-2', str(tmp_path)) == folder
     assert len(server.requests) == n
+    # a file changed in place is rebuilt (from the parquet files, which stay cached)
+    open(os.path.join(folder, 'wiki.train.tokens'), 'a').write(' planted . text . \n')
+    assert dl.download_extract('wikitext-2', str(tmp_path)) == folder
+    assert open(os.path.join(folder, 'wiki.train.tokens'), 'rb').read() == ''.join(
+        originals['wiki.train.tokens']).encode()
+
+
+# ---------------------------------------------------------------------------
+# Extracted folders are used only while they match their manifest
+
+def _checkpoint_entry(server, hub, tag='v1'):
+    """bert.small as a zip of two small files, served from 127.0.0.1."""
+    blob = zip_bytes({'bert.small/vocab.json': f'["<unk>", "{tag}"]',
+                      'bert.small/pretrained.params': f'params {tag}'})
+    server.routes['/bert.small.zip'] = ('bytes', blob)
+    dl.register('bert.small', server.url + '/bert.small.zip', hashlib.sha1(blob).hexdigest(),
+                folder='bert.small')
+    return blob
+
+
+def _vocab_of(folder):
+    return open(os.path.join(folder, 'vocab.json')).read()
+
+
+def test_manifest_lists_every_extracted_file(server, hub, tmp_path):
+    _checkpoint_entry(server, hub)
+    folder = dl.download_extract('bert.small', str(tmp_path))
+    target = os.path.dirname(folder)
+    manifest = json.load(open(os.path.join(target, dl.MANIFEST)))
+    assert manifest['archive_sha1'] == dl.DATA_HUB['bert.small'].sha1
+    assert sorted(manifest['files']) == ['bert.small/pretrained.params', 'bert.small/vocab.json']
+    record = manifest['files']['bert.small/vocab.json']
+    path = os.path.join(folder, 'vocab.json')
+    assert record['sha1'] == dl.sha1_file(path) and record['size'] == os.path.getsize(path)
+    assert sorted(os.listdir(tmp_path)) == ['bert.small', 'bert.small.zip']  # no lock, no temp
+
+
+@pytest.mark.parametrize('damage', ['planted', 'no manifest', 'resized', 'same size',
+                                    'extra file', 'missing file', 'bad manifest'])
+def test_a_folder_that_does_not_match_is_extracted_again(server, hub, tmp_path, damage):
+    _checkpoint_entry(server, hub)
+    target = os.path.join(tmp_path, 'bert.small')
+    folder = os.path.join(target, 'bert.small')
+    if damage == 'planted':  # a junk folder where the checkpoint would go; no archive yet
+        os.makedirs(folder)
+        open(os.path.join(folder, 'vocab.json'), 'w').write('["<unk>", "junk"]')
+    else:
+        dl.download_extract('bert.small', str(tmp_path))
+        vocab = os.path.join(folder, 'vocab.json')
+        if damage == 'no manifest':  # as an older version of the package left it
+            os.remove(os.path.join(target, dl.MANIFEST))
+        elif damage == 'resized':
+            open(vocab, 'w').write('["<unk>", "a longer junk list"]')
+        elif damage == 'same size':  # only the mtime tells, then the SHA-1
+            mtime = os.stat(vocab).st_mtime_ns
+            open(vocab, 'w').write('["<unk>", "XX"]')
+            # an edit a clock tick later (here the clock may not have ticked yet)
+            os.utime(vocab, ns=(mtime + 10**9, mtime + 10**9))
+        elif damage == 'extra file':  # would be read as the model's config
+            open(os.path.join(folder, 'config.json'), 'w').write('{}')
+        elif damage == 'missing file':
+            os.remove(os.path.join(folder, 'pretrained.params'))
+        elif damage == 'bad manifest':
+            open(os.path.join(target, dl.MANIFEST), 'w').write('{not json')
+    requests = len(server.requests)
+    assert dl.download_extract('bert.small', str(tmp_path)) == folder
+    assert _vocab_of(folder) == '["<unk>", "v1"]'
+    assert sorted(os.listdir(folder)) == ['pretrained.params', 'vocab.json']
+    # the archive was verified and kept: extracting again needs no request after the first
+    assert len(server.requests) == requests + (damage == 'planted')
+    assert os.path.isfile(os.path.join(target, dl.MANIFEST))
+
+
+def test_a_touched_file_is_hashed_once_and_kept(server, hub, tmp_path, monkeypatch):
+    _checkpoint_entry(server, hub)
+    folder = dl.download_extract('bert.small', str(tmp_path))
+    vocab = os.path.join(folder, 'vocab.json')
+    inode = os.stat(vocab).st_ino
+    os.utime(vocab, ns=(1_000_000_000, 1_000_000_000))  # same bytes, another mtime (a copy)
+    hashed = []
+    real = dl.sha1_file
+    monkeypatch.setattr(dl, 'sha1_file', lambda p: hashed.append(p) or real(p))
+    assert dl.download_extract('bert.small', str(tmp_path)) == folder
+    assert hashed == [vocab] and os.stat(vocab).st_ino == inode  # not extracted again
+    assert dl.download_extract('bert.small', str(tmp_path)) == folder
+    assert hashed == [vocab]  # the new mtime was recorded: no hashing on later calls
+
+
+def test_a_folder_from_another_archive_version_is_replaced(server, hub, tmp_path):
+    _checkpoint_entry(server, hub, 'v1')
+    folder = dl.download_extract('bert.small', str(tmp_path))
+    os.remove(os.path.join(tmp_path, 'bert.small.zip'))
+    _checkpoint_entry(server, hub, 'v2')  # the hub now lists another archive
+    assert dl.download_extract('bert.small', str(tmp_path)) == folder
+    assert _vocab_of(folder) == '["<unk>", "v2"]'
+
+
+def test_the_lock_file_is_removed_and_excludes_every_waiter(tmp_path):
+    """Threads hold flock()s on separate open files, as processes do: at most one is ever
+    inside, although each holder deletes the lock file as it leaves."""
+    import threading
+    import time
+    path = str(tmp_path / 'thing')
+    inside, overlaps, done = [], [], []
+
+    def work():
+        for _ in range(100):
+            with dl._file_lock(path):
+                inside.append(1)
+                if len(inside) > 1:
+                    overlaps.append(1)
+                time.sleep(0.0002)
+                inside.pop()
+        done.append(1)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(done) == 4 and not overlaps
+    assert os.listdir(tmp_path) == []

@@ -5,8 +5,15 @@ against its SHA-1, fsync'ed, and only then moved into place with `os.replace`,
 so the cache never holds a partial file or an HTTP error page. An interrupted
 download resumes with an HTTP Range request where the server allows it and
 restarts cleanly otherwise. A cached file whose SHA-1 matches is used without
-any request. With ``GLUON_BERT_OFFLINE=1`` nothing is fetched and a missing
-file is an error that says which file to place where.
+any request; one whose SHA-1 does not match is fetched again, and reported
+as a SHA-1 failure (`ChecksumError`) where that is not possible. With
+``GLUON_BERT_OFFLINE=1`` nothing is fetched and a missing file is an error that
+says which file to place where.
+
+`download_extract` unpacks an archive once and writes a manifest beside what it
+unpacked (every file's size, mtime and SHA-1); a folder is used later only if it
+still matches its manifest, and is unpacked again from the verified archive
+otherwise (see `_folder_matches` for what each call checks).
 
 The cache folder is ``$GLUON_BERT_HOME`` or ``~/.cache/gluon_bert``.
 """
@@ -15,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
+import logging
 import os
 import shutil
 import sys
@@ -22,16 +31,24 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from typing import Iterable, Mapping
 
-__all__ = ['HubEntry', 'DATA_HUB', 'DownloadError', 'ChecksumError', 'cache_dir', 'register',
-           'download', 'download_extract', 'extract_zip', 'sha1_file', 'offline']
+from ..errors import GluonBertError
+
+__all__ = ['HubEntry', 'DATA_HUB', 'DownloadError', 'ChecksumError', 'ArchiveError', 'cache_dir',
+           'register', 'download', 'download_extract', 'extract_zip', 'extract_once', 'sha1_file',
+           'offline']
+
+log = logging.getLogger(__name__)
 
 D2L_DATA_URL = 'http://d2l-data.s3-accelerate.amazonaws.com/'
 CHUNK = 1 << 20
+# Written into every folder `download_extract` unpacks; hidden, so listings ignore it.
+MANIFEST = '.gluon_bert_manifest.json'
 
 
-class DownloadError(RuntimeError):
+class DownloadError(GluonBertError, RuntimeError):
     """A file could not be fetched (HTTP error, truncated body, offline mode, ...)."""
 
 
@@ -39,16 +56,21 @@ class _BadResume(DownloadError):
     """The server answered a Range request with a part that does not continue ours."""
 
 
+class ArchiveError(DownloadError):
+    """An archive that cannot be unpacked safely: not a zip, damaged, or with unsafe paths."""
+
+
 class ChecksumError(DownloadError):
     """A downloaded or cached file does not have the expected SHA-1."""
 
-    def __init__(self, path: str, expected: str, actual: str, url: str | None = None):
+    def __init__(self, path: str, expected: str, actual: str, url: str | None = None,
+                 message: str | None = None):
         self.path, self.expected, self.actual, self.url = path, expected, actual, url
         source = f' (from {url})' if url else ''
-        super().__init__(f'SHA-1 mismatch for {path}{source}: expected {expected}, got {actual}. '
-                         'The file was not kept; a mirror may serve a different version, '
-                         'or the transfer was corrupted: try again or place the right file '
-                         'there by hand.')
+        super().__init__(message or (
+            f'SHA-1 mismatch for {path}{source}: expected {expected}, got {actual}. '
+            'The file was not kept; a mirror may serve a different version, or the transfer '
+            'was corrupted: try again or place the right file there by hand.'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +151,33 @@ def _home() -> str:
         os.path.expanduser('~'), '.cache', 'gluon_bert')
 
 
+def _writable_cache(folder: str, given: bool) -> None:
+    """Create the cache folder if needed and check that files can be written there.
+
+    `given`: the folder came from a `cache_dir` argument, not from the environment.
+    Raises one `DownloadError` naming the folder and where its name came from.
+    """
+    if given:
+        origin = 'given as cache_dir'
+    elif os.environ.get('GLUON_BERT_HOME'):
+        origin = 'from $GLUON_BERT_HOME'
+    else:
+        origin = 'the default, as $GLUON_BERT_HOME is not set'
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        reason = 'it is a file, not a folder'
+    else:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix='.write-test.', dir=folder)
+            os.close(fd)
+            os.remove(probe)
+            return
+        except OSError as err:
+            reason = err.strerror or str(err)
+    raise DownloadError(f'cache folder {folder} ({origin}) is not usable: {reason}. '
+                        'Set GLUON_BERT_HOME to a folder you can write to.')
+
+
 def offline() -> bool:
     return os.environ.get('GLUON_BERT_OFFLINE', '').strip().lower() in ('1', 'true', 'yes', 'on')
 
@@ -164,18 +213,42 @@ def _fsync_dir(folder: str) -> None:
 
 @contextlib.contextmanager
 def _file_lock(path: str):
-    """Serialise downloads of one file between processes (POSIX; no-op elsewhere)."""
+    """Serialise work on `path` between processes (POSIX flock; a no-op elsewhere).
+
+    The lock file ``<path>.lock`` is removed when the work is done, so the cache keeps
+    no empty lock files. Removing a file that others may be waiting on is safe here
+    because the holder removes it *before* it releases the lock, and every process that
+    is granted a lock checks that its file is still the one named ``<path>.lock``: a
+    waiter granted the lock on a removed file starts again on the current one, instead
+    of working alongside the process that holds that. So at any time at most one
+    process holds the lock on the file the name points to. (One shared, never-removed
+    lock file per path would also be race-free, but leaves a file behind per download.)
+    """
     try:
         import fcntl
     except ImportError:  # pragma: no cover
         yield
         return
-    with open(path + '.lock', 'a') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock_path = path + '.lock'
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            current = os.stat(lock_path)
+        except FileNotFoundError:
+            current = None  # its holder removed it while we waited
+        except BaseException:
+            os.close(fd)
+            raise
+        if current is not None and os.path.samestat(os.fstat(fd), current):
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(lock_path)
+        os.close(fd)  # releases the lock
 
 
 def _fetch(url: str, part: str, timeout: float, progress: bool | None) -> None:
@@ -241,6 +314,17 @@ def _resolve(name_or_url: str, sha1: str | None, urls) -> tuple[str, HubEntry]:
     return name_or_url, HubEntry(all_urls, sha1.lower() if sha1 else None, filename)
 
 
+def _check_cached(path: str, sha1: str | None) -> tuple[bool, str | None]:
+    """(True, None): `path` is there with the right SHA-1; (False, its SHA-1): it is there
+    with another one; (False, None): it is not there."""
+    if not os.path.isfile(path):
+        return False, None
+    if sha1 is None:
+        return True, None
+    actual = sha1_file(path)
+    return (True, None) if actual == sha1 else (False, actual)
+
+
 def download(name_or_url: str, cache_dir: str | None = None, sha1: str | None = None,
              urls: Iterable[str] | None = None, timeout: float = 60.0,
              progress: bool | None = None) -> str:
@@ -248,24 +332,38 @@ def download(name_or_url: str, cache_dir: str | None = None, sha1: str | None = 
 
     `urls` are extra mirrors tried first; `sha1` overrides the entry's. Raises
     `DownloadError` when no URL serves the file (message lists every attempt)
-    and `ChecksumError` when the bytes that arrived have another SHA-1.
+    and `ChecksumError` when the bytes that arrived have another SHA-1. A cached
+    file with the wrong SHA-1 (damaged, or another version) is downloaded again;
+    where that is not possible (offline, or every URL fails) the error is a
+    `ChecksumError` naming the cached file, not a network error.
     """
     name, entry = _resolve(name_or_url, sha1, urls)
     folder = cache_dir or _home()
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, entry.filename)
-    if os.path.exists(path) and (entry.sha1 is None or sha1_file(path) == entry.sha1):
+    ok, stale = _check_cached(path, entry.sha1)
+    if ok:
         return path
+    sources = ' or '.join(entry.urls)
     if offline():
+        if stale:
+            raise ChecksumError(path, entry.sha1, stale, message=(
+                f'SHA-1 mismatch for the cached {path}: expected {entry.sha1}, got {stale} '
+                '(a damaged file, or another version). Offline mode (GLUON_BERT_OFFLINE=1) '
+                f'does not fetch it again: replace it with {entry.filename} from {sources}'))
         digest = f' (SHA-1 {entry.sha1})' if entry.sha1 else ''
         raise DownloadError(f'offline mode (GLUON_BERT_OFFLINE=1): {name} is not in the cache. '
                             f'Place {entry.filename}{digest} at {path}; it can be downloaded '
-                            f'from {" or ".join(entry.urls)}')
+                            f'from {sources}')
+    _writable_cache(folder, given=cache_dir is not None)
     part = path + '.part'
     errors = []
     with _file_lock(path):
-        if os.path.exists(path) and (entry.sha1 is None or sha1_file(path) == entry.sha1):
+        ok, stale = _check_cached(path, entry.sha1)
+        if ok:
             return path  # another process finished it while we waited
+        if stale:
+            log.warning('%s: SHA-1 %s, expected %s (a damaged file, or another version); '
+                        'downloading it again', path, stale, entry.sha1)
         for url in entry.urls:
             for attempt in ('resume', 'fresh'):
                 if attempt == 'fresh':
@@ -291,35 +389,53 @@ def download(name_or_url: str, cache_dir: str | None = None, sha1: str | None = 
                 error = ChecksumError(path, entry.sha1, actual, url)
                 errors.append(str(error))
                 break
+    if stale:
+        # The cached file stays, so that the next attempt reports the same cause.
+        raise ChecksumError(path, entry.sha1, stale, message=(
+            f'SHA-1 mismatch for the cached {path}: expected {entry.sha1}, got {stale} '
+            '(a damaged file, or another version), and downloading it again failed: '
+            + '; '.join(errors) + f'. Replace it by hand with {entry.filename} from {sources}'))
     if errors and all(e.startswith('SHA-1 mismatch') for e in errors):
         raise error
     raise DownloadError(f'could not download {name}: ' + '; '.join(errors))
 
 
 def extract_zip(archive: str, dest: str) -> None:
-    """Extract `archive` into `dest`, refusing absolute paths, '..' and links."""
+    """Extract `archive` into `dest`, refusing absolute paths, '..' and links.
+
+    A file that is not a readable zip (truncated, damaged, another format) raises
+    `ArchiveError` naming it.
+    """
     root = os.path.realpath(dest)
-    with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
-            name = info.filename
-            mode = info.external_attr >> 16
-            if (name.startswith(('/', '\\')) or ':' in name.split('/')[0]
-                    or '..' in name.replace('\\', '/').split('/')):
-                raise DownloadError(f'{archive}: unsafe path {name!r} in archive')
-            if (mode & 0o170000) == 0o120000:
-                raise DownloadError(f'{archive}: symbolic link {name!r} in archive')
-            target = os.path.realpath(os.path.join(root, name))
-            if os.path.commonpath([root, target]) != root:
-                raise DownloadError(f'{archive}: {name!r} would extract outside {dest}')
-        zf.extractall(root)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                name = info.filename
+                mode = info.external_attr >> 16
+                if (name.startswith(('/', '\\')) or ':' in name.split('/')[0]
+                        or '..' in name.replace('\\', '/').split('/')):
+                    raise ArchiveError(f'{archive}: unsafe path {name!r} in archive')
+                if (mode & 0o170000) == 0o120000:
+                    raise ArchiveError(f'{archive}: symbolic link {name!r} in archive')
+                target = os.path.realpath(os.path.join(root, name))
+                if os.path.commonpath([root, target]) != root:
+                    raise ArchiveError(f'{archive}: {name!r} would extract outside {dest}')
+            zf.extractall(root)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+        raise ArchiveError(f'{archive}: not a readable zip archive ({err})') from None
 
 
 def download_extract(name: str, cache_dir: str | None = None, progress: bool | None = None) -> str:
     """Download and unzip a hub entry once; return its folder (e.g. with vocab.json).
 
-    Archives are extracted into a temporary folder and moved into
-    ``<cache>/<archive stem>/`` in one rename, so a half-extracted folder is never
-    used. Returns ``<cache>/<archive stem>/<entry.folder>``.
+    The archive (SHA-1 checked by `download`) is extracted into a temporary folder,
+    which gets a manifest (`MANIFEST`: size, mtime and SHA-1 of every file) and is
+    then moved into ``<cache>/<archive stem>/`` in one rename, so a half-extracted
+    folder is never used. A later call uses that folder only while it matches its
+    manifest (`_folder_matches`); a folder without one (placed by hand, or left by an
+    older version of this package), with missing, changed or extra files, or made
+    from another version of the archive is extracted again from the verified
+    archive, downloaded again where needed. Returns ``<cache>/<archive stem>/<entry.folder>``.
     """
     if name not in DATA_HUB:
         raise KeyError(f'unknown hub entry {name!r}; known: {sorted(DATA_HUB)}')
@@ -328,47 +444,187 @@ def download_extract(name: str, cache_dir: str | None = None, progress: bool | N
     stem = entry.filename[:-4] if entry.filename.endswith('.zip') else entry.filename
     target = os.path.join(folder, stem)
     result = os.path.join(target, entry.folder) if entry.folder else target
-    if os.path.isdir(result) and _files_ok(result, entry.files, check=False):
+    if _folder_matches(target, entry):
         return result
-    try:
-        archive = download(name, folder, progress=progress)
-    except DownloadError:
-        if entry.alternative and not offline():
-            return _ALTERNATIVES[entry.alternative](entry, target, result, progress)
-        raise
-    tmp = tempfile.mkdtemp(prefix=f'.{stem}.', dir=folder)
-    try:
-        extract_zip(archive, tmp)
-        inner = os.path.join(tmp, entry.folder) if entry.folder else tmp
-        if not os.path.isdir(inner):
-            raise DownloadError(f'{archive} has no folder {entry.folder!r}')
-        _files_ok(inner, entry.files, check=True)
-        _install_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _writable_cache(folder, given=cache_dir is not None)
+    with _file_lock(target):
+        if _folder_matches(target, entry):
+            return result  # another process extracted it while we waited
+        if os.path.lexists(target):
+            log.warning('%s does not match its manifest %s (or has none): extracting it again',
+                        target, MANIFEST)
+        try:
+            archive = download(name, cache_dir, progress=progress)
+        except DownloadError as err:
+            if entry.alternative and not offline():
+                try:
+                    return _ALTERNATIVES[entry.alternative](entry, target, result, progress)
+                except DownloadError as fallback_err:
+                    raise _both_failed(name, entry, folder, err, fallback_err) from None
+            raise
+        _unpack(archive, target, entry)
     return result
 
 
-def _files_ok(folder: str, files: Mapping[str, str], check: bool) -> bool:
-    for fname, digest in files.items():
-        path = os.path.join(folder, fname)
-        if not os.path.exists(path):
-            if check:
-                raise DownloadError(f'{path} missing after extraction')
+def extract_once(archive: str, target: str, sha1: str | None = None) -> bool:
+    """Unpack a local zip into the folder `target`, unless an earlier call did and the
+    folder still matches its manifest (as `download_extract` does for hub entries).
+
+    `sha1`: the archive's, when the caller has it. Returns whether it unpacked.
+    """
+    entry = HubEntry((archive,), sha1 or sha1_file(archive), os.path.basename(archive))
+    if _folder_matches(target, entry):
+        return False
+    _writable_cache(os.path.dirname(target), given=True)
+    with _file_lock(target):
+        if _folder_matches(target, entry):
+            return False  # another process unpacked it while we waited
+        _unpack(archive, target, entry)
+    return True
+
+
+def _unpack(archive: str, target: str, entry: HubEntry) -> None:
+    """Extract `archive` (SHA-1 `entry.sha1`, already checked) next to `target`, check it
+    and move it into place with its manifest; the caller holds the lock on `target`."""
+    name = os.path.basename(target)
+    tmp = tempfile.mkdtemp(prefix=f'.{name}.', dir=os.path.dirname(target))
+    try:
+        extract_zip(archive, tmp)
+        if entry.folder and not os.path.isdir(os.path.join(tmp, entry.folder)):
+            raise ArchiveError(f'{archive} has no folder {entry.folder!r}')
+        _install_verified(tmp, target, entry, source=archive, archive_sha1=entry.sha1)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tree_files(root: str) -> dict[str, str]:
+    """{path relative to root, with '/': path} of every file under `root` but the manifest
+    (and its temporary copies, which a concurrent `_folder_matches` may be writing)."""
+    found = {}
+    for dirpath, _, filenames in os.walk(root):
+        for fname in filenames:
+            path = os.path.join(dirpath, fname)
+            rel = os.path.relpath(path, root).replace(os.sep, '/')
+            if not rel.startswith(MANIFEST):
+                found[rel] = path
+    return found
+
+
+def _write_json(path: str, obj) -> None:
+    """Write JSON atomically: a reader sees the old file or the whole new one."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _install_verified(tmp: str, target: str, entry: HubEntry, source: str,
+                      archive_sha1: str | None) -> None:
+    """Check an unpacked folder against the hub's SHA-1s, write its manifest, move it into
+    place. `source`: what it was unpacked from, for messages and the manifest."""
+    files = {}
+    for rel, path in sorted(_tree_files(tmp).items()):
+        st = os.stat(path)
+        files[rel] = {'size': st.st_size, 'mtime_ns': st.st_mtime_ns, 'sha1': sha1_file(path)}
+    for fname, digest in entry.files.items():
+        rel = f'{entry.folder}/{fname}' if entry.folder else fname
+        where = os.path.join(target, *rel.split('/'))
+        if rel not in files:
+            raise DownloadError(f'{source} has no {rel} (expected at {where})')
+        if files[rel]['sha1'] != digest:
+            raise ChecksumError(where, digest, files[rel]['sha1'], source)
+    _write_json(os.path.join(tmp, MANIFEST),
+                {'format': 1, 'source': source, 'archive_sha1': archive_sha1, 'files': files})
+    _install_dir(tmp, target)
+
+
+def _folder_matches(target: str, entry: HubEntry) -> bool:
+    """Whether `target` is a folder unpacked here for `entry` and unchanged since.
+
+    Each call checks, without hashing, that the folder holds exactly the files of its
+    manifest, each with its recorded size and mtime, and that the manifest is for this
+    entry's archive (or, for a folder rebuilt from a mirror, lists the hub's SHA-1 of
+    each of the entry's files). A file whose mtime changed (touched, copied, edited)
+    is hashed again; the folder is used if its SHA-1 is unchanged, and the new mtime
+    is recorded. Hashing every file on every call would add seconds to each run (SNLI
+    unpacks to about 1 GB, bert.base holds 400 MB); every byte was hashed once, right
+    after the verified archive was unpacked, and size + mtime catch replaced, truncated,
+    edited and planted files. A deliberate change that keeps both is not caught.
+    """
+    try:
+        with open(os.path.join(target, MANIFEST), encoding='utf-8') as f:
+            manifest = json.load(f)
+        files = dict(manifest['files'])
+        archive_sha1 = manifest.get('archive_sha1')
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # no manifest (planted, or an older version), or not ours
+    if entry.folder and not os.path.isdir(os.path.join(target, entry.folder)):
+        return False
+    for fname, digest in entry.files.items():
+        record = files.get(f'{entry.folder}/{fname}' if entry.folder else fname)
+        if not isinstance(record, dict) or record.get('sha1') != digest:
             return False
-        if check and sha1_file(path) != digest:
-            raise ChecksumError(path, digest, sha1_file(path))
+    if archive_sha1 != entry.sha1 and not entry.files:
+        return False  # unpacked from another version of the archive
+    found = _tree_files(target)
+    if set(found) != set(files):
+        return False
+    touched = {}
+    for rel, path in found.items():
+        record = files[rel]
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        if not isinstance(record, dict) or st.st_size != record.get('size'):
+            return False
+        if st.st_mtime_ns != record.get('mtime_ns'):
+            if sha1_file(path) != record.get('sha1'):
+                return False
+            touched[rel] = st.st_mtime_ns
+    if touched:
+        for rel, mtime_ns in touched.items():
+            files[rel] = dict(files[rel], mtime_ns=mtime_ns)
+        with contextlib.suppress(OSError):  # a read-only cache is checked again next time
+            _write_json(os.path.join(target, MANIFEST), dict(manifest, files=files))
     return True
 
 
 def _install_dir(tmp: str, target: str) -> None:
-    """Move a finished folder into place; an older copy is replaced."""
-    if os.path.exists(target):
+    """Move a finished folder into place; an older copy (or a file of that name) is replaced."""
+    if os.path.lexists(target):
         old = target + f'.old{os.getpid()}'
         os.replace(target, old)
-        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.remove(old)
     os.replace(tmp, target)
     _fsync_dir(os.path.dirname(target))
+
+
+def _alternative_source(alternative: str) -> str:
+    if alternative == 'wikitext-2-parquet':
+        return ('its Hugging Face parquet copy '
+                + _HF_WIKITEXT.format(split='{train,validation,test}'))
+    return alternative
+
+
+def _both_failed(name: str, entry: HubEntry, folder: str, primary: DownloadError,
+                 fallback: DownloadError) -> DownloadError:
+    """One error for an entry whose archive and whose fallback mirror both failed: it names
+    both sources and what to place where by hand (a ChecksumError if either was one)."""
+    where = os.path.join(folder, entry.filename)
+    digest = f' (SHA-1 {entry.sha1})' if entry.sha1 else ''
+    text = (f'could not get {name} from {" or ".join(entry.urls)} ({primary}), nor from '
+            f'{_alternative_source(entry.alternative)} ({fallback}). Download '
+            f'{entry.filename}{digest} by hand from {entry.urls[-1]} and place it at {where}')
+    for err in (primary, fallback):
+        if isinstance(err, ChecksumError):
+            return ChecksumError(err.path, err.expected, err.actual, err.url, message=text)
+    return DownloadError(text)
 
 
 def _wikitext_from_parquet(entry: HubEntry, target: str, result: str,
@@ -377,11 +633,8 @@ def _wikitext_from_parquet(entry: HubEntry, target: str, result: str,
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        where = os.path.join(os.path.dirname(target), entry.filename)
-        raise DownloadError(
-            'The WikiText-2 zip could not be downloaded and its Hugging Face mirror is '
-            "parquet, which needs pyarrow (pip install 'gluon-bert[data]'), or download "
-            f'wikitext-2-v1.zip by hand and place it at {where}') from None
+        raise DownloadError("it is parquet, which needs pyarrow "
+                            "(pip install 'gluon-bert[data]')") from None
     folder = os.path.dirname(target)
     mirror = os.path.join(folder, 'hf-wikitext-2-v1')  # the parquet files, cached
     tmp = tempfile.mkdtemp(prefix='.wikitext-2.', dir=folder)
@@ -391,17 +644,22 @@ def _wikitext_from_parquet(entry: HubEntry, target: str, result: str,
         for split, fname in _WIKITEXT_SPLITS.items():
             url = _HF_WIKITEXT.format(split=split)
             parquet = download(url, mirror, progress=progress)
-            rows = pq.read_table(parquet, columns=['text']).column('text').to_pylist()
+            try:
+                rows = pq.read_table(parquet, columns=['text']).column('text').to_pylist()
+            except (ValueError, OSError, KeyError) as err:  # pyarrow's ArrowInvalid, ArrowIOError
+                os.remove(parquet)  # no SHA-1 to check it by: fetch it again next time
+                raise DownloadError(f'{parquet} (from {url}): not a readable parquet file '
+                                    f'with a text column ({err})') from None
             # The parquet rows are the lines of the original file, blank lines as ''.
             with open(os.path.join(inner, fname), 'w', encoding='utf-8', newline='') as f:
                 f.write(''.join(row if row else ' \n' for row in rows))
         try:
-            _files_ok(inner, entry.files, check=True)
+            _install_verified(tmp, target, entry, source=_HF_WIKITEXT.format(split='*'),
+                              archive_sha1=None)
         except DownloadError:
             # the parquet files have no SHA-1 of their own: drop them so a retry refetches
             shutil.rmtree(mirror, ignore_errors=True)
             raise
-        _install_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
