@@ -6,18 +6,22 @@ idx_to_token list) and `pretrained.params`.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import mxnet as mx
 
 from .config import PRESETS, BERTConfig
+from .errors import GluonBertError
 from .model import BERTModel
 
 __all__ = ['load_pretrained', 'PretrainedError']
 
+log = logging.getLogger(__name__)
 
-class PretrainedError(ValueError):
-    pass
+
+class PretrainedError(GluonBertError, ValueError):
+    """A checkpoint (zip, folder or parameter file) that cannot be used; names the file."""
 
 
 def _preset_for(name_or_path, preset):
@@ -33,24 +37,19 @@ def _preset_for(name_or_path, preset):
 
 
 def _extract_local_zip(path, cache_dir):
-    """Unzip a local archive once into the cache, keyed by its SHA-1; atomically."""
-    import shutil
-    import tempfile
-    from .data.download import cache_dir as default_cache, extract_zip, sha1_file
-    root = os.path.join(cache_dir or default_cache(), 'local')
-    os.makedirs(root, exist_ok=True)
+    """Unzip a local archive once into <cache>/local/, keyed by its SHA-1, atomically; the
+    folder is checked against its manifest on every use, as hub downloads are."""
+    from .data.download import ArchiveError, cache_dir as default_cache, extract_once, sha1_file
+    digest = sha1_file(path)
     stem = os.path.basename(path)[:-len('.zip')]
-    target = os.path.join(root, f'{stem}-{sha1_file(path)[:12]}')
-    if not os.path.isdir(target):
-        tmp = tempfile.mkdtemp(prefix=f'.{stem}.', dir=root)
-        try:
-            extract_zip(path, tmp)
-            os.replace(tmp, target)
-        except OSError:
-            if not os.path.isdir(target):  # not a concurrent extraction that won the race
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    target = os.path.join(cache_dir or default_cache(), 'local', f'{stem}-{digest[:12]}')
+    try:
+        unpacked = extract_once(path, target, digest)
+    except ArchiveError as err:
+        raise PretrainedError(f'{err}; expected a zip in the book\'s layout '
+                              '(<name>/vocab.json + <name>/pretrained.params)') from None
+    if unpacked:
+        log.info('unpacked %s into %s', path, target)
     return target
 
 
@@ -87,8 +86,15 @@ def _check_shapes(bert, params_path):
         with mx.util.np_array(False), mx.util.np_shape(True):
             saved = mx.nd.load(params_path)
     except mx.base.MXNetError:
-        with mx.util.np_array(False), mx.util.np_shape(False):
-            saved = mx.nd.load(params_path)
+        try:
+            with mx.util.np_array(False), mx.util.np_shape(False):
+                saved = mx.nd.load(params_path)
+        except mx.base.MXNetError as err:
+            # MXNet's message is a C++ traceback; its last line says what was wrong
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            reason = lines[-1][:200] if lines else 'unreadable'
+            raise PretrainedError(f'{params_path}: not an MXNet parameter file '
+                                  f'({reason})') from None
     ours = {k: p.shape for k, p in bert._collect_params_with_prefix().items()}
     bad = [f'{k}: file {tuple(v.shape)} vs model {ours[k]}' for k, v in saved.items()
            if k in ours and tuple(v.shape) != tuple(ours[k])]

@@ -114,8 +114,9 @@ def test_404_and_truncated_zip(server, cache, tmp_path):
     truncated, _ = book_zip(tmp_path, truncate=True)
     # served with its own digest: the checksum passes, the archive itself is broken
     _register(server, 'test.truncated', truncated)
-    with pytest.raises((download.DownloadError, zipfile.BadZipFile)):
+    with pytest.raises(download.ArchiveError, match='not a readable zip archive') as err:
         load_pretrained('test.truncated', preset='tiny')
+    assert str(err.value).startswith(str(cache / 'test.truncated.zip'))
     for root, dirs, _ in os.walk(cache):
         assert 'bert.tiny' not in dirs, root  # no half-extracted folder that looks valid
 
@@ -125,3 +126,24 @@ def test_params_that_do_not_fit_the_preset(server, cache, tmp_path):
     _register(server, 'test.shape', data)
     with pytest.raises(PretrainedError, match='does not fit'):
         load_pretrained('test.shape', preset='bert.small')
+
+
+def test_local_zip_says_where_it_unpacked_and_is_checked_on_reuse(cache, tmp_path, caplog,
+                                                                  monkeypatch):
+    import logging
+    monkeypatch.setattr(logging.getLogger('gluon_bert'), 'propagate', True)
+    caplog.set_level(logging.INFO, logger='gluon_bert')
+    data, _ = book_zip(tmp_path, name='bert.tiny')
+    path = tmp_path / 'bert.tiny.zip'
+    path.write_bytes(data)
+    load_pretrained(str(path), preset='tiny')
+    target = cache / 'local' / f'bert.tiny-{hashlib.sha1(data).hexdigest()[:12]}'
+    assert [r.getMessage() for r in caplog.records] == [f'unpacked {path} into {target}']
+    assert sorted(os.listdir(cache / 'local')) == [target.name]  # no lock or temporary left
+    caplog.clear()
+    load_pretrained(str(path), preset='tiny')
+    assert caplog.records == []  # the same zip again: its folder is reused, silently
+    # a vocabulary changed in the cache is not trusted: the zip is unpacked again
+    (target / 'bert.tiny' / 'vocab.json').write_text(json.dumps(TOKENS[:-1]))
+    _, vocab = load_pretrained(str(path), preset='tiny')
+    assert vocab.idx_to_token == TOKENS and len(caplog.records) == 2  # the warning, the info

@@ -163,8 +163,12 @@ def _writable_cache(folder: str, given: bool) -> None:
         origin = 'from $GLUON_BERT_HOME'
     else:
         origin = 'the default, as $GLUON_BERT_HOME is not set'
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        reason = 'it is a file, not a folder'
+    existing = folder
+    while existing and not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if os.path.exists(existing) and not os.path.isdir(existing):
+        reason = ('it is a file, not a folder' if existing == folder
+                  else f'{existing} is a file, not a folder')
     else:
         try:
             os.makedirs(folder, exist_ok=True)
@@ -361,9 +365,6 @@ def download(name_or_url: str, cache_dir: str | None = None, sha1: str | None = 
         ok, stale = _check_cached(path, entry.sha1)
         if ok:
             return path  # another process finished it while we waited
-        if stale:
-            log.warning('%s: SHA-1 %s, expected %s (a damaged file, or another version); '
-                        'downloading it again', path, stale, entry.sha1)
         for url in entry.urls:
             for attempt in ('resume', 'fresh'):
                 if attempt == 'fresh':
@@ -382,6 +383,9 @@ def download(name_or_url: str, cache_dir: str | None = None, sha1: str | None = 
                 if entry.sha1 is None or actual == entry.sha1:
                     os.replace(part, path)
                     _fsync_dir(folder)
+                    if stale:
+                        log.warning('%s had SHA-1 %s, expected %s (a damaged file, or another '
+                                    'version); downloaded it again', path, stale, entry.sha1)
                     return path
                 os.remove(part)
                 if resumed:
@@ -450,9 +454,6 @@ def download_extract(name: str, cache_dir: str | None = None, progress: bool | N
     with _file_lock(target):
         if _folder_matches(target, entry):
             return result  # another process extracted it while we waited
-        if os.path.lexists(target):
-            log.warning('%s does not match its manifest %s (or has none): extracting it again',
-                        target, MANIFEST)
         try:
             archive = download(name, cache_dir, progress=progress)
         except DownloadError as err:
@@ -475,7 +476,9 @@ def extract_once(archive: str, target: str, sha1: str | None = None) -> bool:
     entry = HubEntry((archive,), sha1 or sha1_file(archive), os.path.basename(archive))
     if _folder_matches(target, entry):
         return False
-    _writable_cache(os.path.dirname(target), given=True)
+    home = os.path.abspath(_home())
+    under_home = os.path.commonpath([home, os.path.abspath(target)]) == home
+    _writable_cache(os.path.dirname(target), given=not under_home)
     with _file_lock(target):
         if _folder_matches(target, entry):
             return False  # another process unpacked it while we waited
@@ -537,6 +540,9 @@ def _install_verified(tmp: str, target: str, entry: HubEntry, source: str,
             raise ChecksumError(where, digest, files[rel]['sha1'], source)
     _write_json(os.path.join(tmp, MANIFEST),
                 {'format': 1, 'source': source, 'archive_sha1': archive_sha1, 'files': files})
+    if os.path.lexists(target):  # only reached when it did not match its manifest
+        log.warning('%s did not match its manifest %s (or had none): replaced it with a fresh '
+                    'copy from %s', target, MANIFEST, source)
     _install_dir(tmp, target)
 
 
