@@ -11,20 +11,38 @@ LABELS = ('entailment', 'contradiction', 'neutral')  # the book's label ids 0, 1
 
 
 def read_pairs(path):
-    """premise<TAB>hypothesis per line; '-' reads standard input."""
-    f = sys.stdin if path == '-' else open(path, encoding='utf-8')
+    """premise<TAB>hypothesis per line; '-' reads standard input.
+
+    A file that is missing, unreadable, not UTF-8, malformed or without pairs raises
+    DataError naming it (and the line).
+    """
+    import io
+    from .data.vocab import MissingFileError, decode_utf8
+    from .errors import DataError
+    if path == '-':
+        stream = getattr(sys.stdin, 'buffer', None)  # bytes, to name the line of bad UTF-8
+        data = stream.read() if stream is not None else sys.stdin.read().encode('utf-8')
+    else:
+        try:
+            with open(path, 'rb') as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise MissingFileError(f'{path}: no such file') from None
+        except OSError as err:
+            raise DataError(f'{path}: cannot be read ({err.strerror or err})') from None
+    name = '<stdin>' if path == '-' else path
     pairs = []
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip('\n').split('\t')
-            if len(parts) != 2:
-                raise ValueError(f'{path}:{lineno}: expected premise<TAB>hypothesis, '
-                                 f'got {len(parts)} field(s)')
-            pairs.append((parts[0], parts[1]))
+    # newline=None: lines end as text-mode open() ends them ('\n', '\r\n' or '\r')
+    for lineno, line in enumerate(io.StringIO(decode_utf8(data, name), newline=None), 1):
+        if not line.strip():
+            continue
+        parts = line.rstrip('\n').split('\t')
+        if len(parts) != 2:
+            raise DataError(f'{name}:{lineno}: expected premise<TAB>hypothesis, '
+                            f'got {len(parts)} field(s)')
+        pairs.append((parts[0], parts[1]))
     if not pairs:
-        raise ValueError(f'{path}: no pairs to classify')
+        raise DataError(f'{name}: no pairs to classify')
     return pairs
 
 

@@ -8,6 +8,7 @@ import pytest
 from gluon_bert.data import (RESERVED_TOKENS, Vocab, WikiTextDataset, get_mlm_data_from_tokens,
                              load_data_wiki, read_wiki, replace_mlm_tokens, sample_dir)
 from gluon_bert.data.wikitext import get_nsp_data_from_paragraph
+from gluon_bert.errors import DataError
 
 
 @pytest.fixture(scope='module')
@@ -22,8 +23,11 @@ def test_read_wiki_rules(tmp_path):
     # Lower-cased, split on ' . '; a heading has no ' . '. As in the book, a line
     # ending in ' . ' splits in two, so a one-sentence line counts (and keeps its '.').
     assert sorted(paragraphs) == [['a b', 'c d e', 'f'], ['one sentence only .']]
-    with pytest.raises(FileNotFoundError, match='wiki.train.tokens not found'):
+    with pytest.raises(FileNotFoundError, match='wiki.train.tokens not found') as err:
         read_wiki(str(tmp_path / 'nowhere'))
+    assert isinstance(err.value, DataError) and str(tmp_path / 'nowhere') in str(err.value)
+    # the paragraphs remember their file, for WikiTextDataset's messages
+    assert paragraphs.source == str(tmp_path / 'wiki.train.tokens')
 
 
 def test_identical_to_book_for_same_seed_and_vocab(paragraphs):

@@ -20,12 +20,14 @@ import json
 import logging
 import multiprocessing
 import os
+import zlib
 from typing import Sequence
 
 import numpy as np
 
+from ..errors import ConfigError, DataError
 from .batching import BatchLoader
-from .vocab import RESERVED_TOKENS, Vocab
+from .vocab import RESERVED_TOKENS, MissingFileError, Vocab
 
 __all__ = ['LABELS', 'read_snli', 'tokenize_like_snli', 'SNLIFormatError', 'SNLIBERTDataset',
            'load_data_snli', 'truncate_lengths', 'snli_file']
@@ -48,8 +50,8 @@ _SPLIT_FILES = ('snli_1.0_{}.txt', 'snli_1.0_{}.txt.gz', 'snli_1.0_{}.jsonl',
                 'snli_1.0_{}.gold_pairs.jsonl')
 
 
-class SNLIFormatError(ValueError):
-    """A malformed SNLI file; the message names the file and the line."""
+class SNLIFormatError(DataError):
+    """A malformed or unreadable SNLI file; the message names the file and the line."""
 
 
 def snli_file(path_or_dir: str, split: str = 'train') -> str:
@@ -59,15 +61,15 @@ def snli_file(path_or_dir: str, split: str = 'train') -> str:
     if os.path.isfile(path_or_dir):
         return path_or_dir
     if not os.path.isdir(path_or_dir):
-        raise FileNotFoundError(f'SNLI data not found: {path_or_dir} is neither a file nor '
-                                'a folder')
+        raise MissingFileError(f'SNLI data not found: {path_or_dir} is neither a file nor '
+                               'a folder')
     names = [pattern.format(split) for pattern in _SPLIT_FILES]
     for name in names:
         path = os.path.join(path_or_dir, name)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f'no {split!r} split of SNLI in {path_or_dir}: looked for '
-                            + ', '.join(names))
+    raise MissingFileError(f'no {split!r} split of SNLI in {path_or_dir}: looked for '
+                           + ', '.join(names))
 
 
 def _binary_parse_text(s: str) -> str:
@@ -80,10 +82,21 @@ def _column_text(column: str, value: str) -> str:
 
 
 def _open_lines(path: str):
+    """The raw lines of `path` (gunzipped for .gz); an unreadable file raises SNLIFormatError
+    naming the line it could not read."""
     opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rb') as f:
-        for line in f:
-            yield line
+    lineno = 0
+    try:
+        with opener(path, 'rb') as f:
+            for line in f:
+                lineno += 1
+                yield line
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise SNLIFormatError(f'{path}, line {lineno + 1}: not a readable gzip file, damaged '
+                              f'or truncated ({err})') from None
+    except OSError as err:
+        raise SNLIFormatError(f'{path}, line {lineno + 1}: cannot be read '
+                              f'({err.strerror or err})') from None
 
 
 def read_snli(path_or_dir: str, split: str = 'train', on_error: str = 'raise',
@@ -119,7 +132,7 @@ def read_snli(path_or_dir: str, split: str = 'train', on_error: str = 'raise',
         try:
             line = raw.decode('utf-8')
         except UnicodeDecodeError as err:
-            bad(lineno, f'not valid UTF-8 (byte {raw[err.start]:#04x} at column '
+            bad(lineno, f'not UTF-8 text (byte {raw[err.start]:#04x} at column '
                         f'{err.start + 1})')
             continue
         line = line.rstrip('\r\n')
@@ -428,7 +441,7 @@ class SNLIBERTDataset:
     def _build(self, premises, hypotheses, num_workers, start_method):
         n, L = len(premises), self.max_len
         if L < 3:
-            raise ValueError(f'max_len must be at least 3 (<cls> and two <sep>), got {L}')
+            raise ConfigError(f'max_len must be at least 3 (<cls> and two <sep>), got {L}')
         workers = _default_workers() if num_workers is None else int(num_workers)
         vocab = self.vocab
         special = (vocab['<pad>'], vocab['<cls>'], vocab['<sep>'])

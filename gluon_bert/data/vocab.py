@@ -21,11 +21,30 @@ import json
 import os
 from typing import Iterable, Sequence
 
-__all__ = ['RESERVED_TOKENS', 'tokenize', 'Vocab']
+from ..errors import DataError
+
+__all__ = ['RESERVED_TOKENS', 'tokenize', 'Vocab', 'MissingFileError', 'decode_utf8']
 
 # BERT's special tokens, in the order the book reserves them.
 RESERVED_TOKENS = ['<pad>', '<mask>', '<cls>', '<sep>']
 UNK = '<unk>'
+
+
+class MissingFileError(DataError, FileNotFoundError):
+    """An input file or folder that is not there. Still a FileNotFoundError, for callers
+    that test for one (a missing SNLI train split, for instance)."""
+
+
+def decode_utf8(data: bytes, path: str) -> str:
+    """`data` (the bytes of `path`) as text; bytes that are not UTF-8 raise a DataError
+    naming the file, the line and the column (in bytes) of the first bad byte."""
+    try:
+        return data.decode('utf-8')
+    except UnicodeDecodeError as err:
+        lineno = data.count(b'\n', 0, err.start) + 1
+        column = err.start - (data.rfind(b'\n', 0, err.start) + 1) + 1
+        raise DataError(f'{path}, line {lineno}: not UTF-8 text (byte {data[err.start]:#04x} '
+                        f'at column {column})') from None
 
 
 def tokenize(lines: Iterable[str], token: str = 'word') -> list[list[str]]:
@@ -115,17 +134,31 @@ class Vocab:
 
     @classmethod
     def load(cls, path: str) -> 'Vocab':
-        """Read a vocabulary saved by `save` or shipped in the book's checkpoints."""
+        """Read a vocabulary saved by `save` or shipped in the book's checkpoints.
+
+        A file that is missing, not UTF-8 or not a JSON list of distinct strings with
+        ``'<unk>'`` raises a DataError naming it.
+        """
         if os.path.isdir(path):
             path = os.path.join(path, 'vocab.json')
-        with open(path, encoding='utf-8') as f:
-            try:
-                tokens = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f'{path}: not a JSON vocabulary ({err})') from None
+        try:
+            with open(path, 'rb') as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise MissingFileError(f'{path}: no such vocabulary file') from None
+        except OSError as err:
+            raise DataError(f'{path}: cannot be read ({err.strerror or err})') from None
+        try:
+            tokens = json.loads(decode_utf8(data, path))
+        except json.JSONDecodeError as err:
+            raise DataError(f'{path}, line {err.lineno}: not a JSON vocabulary '
+                            f'({err.msg})') from None
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-            raise ValueError(f'{path}: a vocabulary must be a JSON list of strings')
+            raise DataError(f'{path}: a vocabulary must be a JSON list of strings')
         vocab = cls.__new__(cls)
         vocab.token_freqs = []
-        vocab._set_tokens(tokens)
+        try:
+            vocab._set_tokens(tokens)
+        except ValueError as err:
+            raise DataError(f'{path}: {err}') from None
         return vocab

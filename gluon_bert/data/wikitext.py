@@ -10,20 +10,28 @@ examples (for the same vocabulary).
 from __future__ import annotations
 
 import gzip
+import io
+import logging
 import os
 import random
+import zlib
 from typing import Sequence
 
 import numpy as np
 
+from ..errors import ConfigError, DataError
 from .batching import PRETRAIN_KEYS, BatchLoader
-from .vocab import RESERVED_TOKENS, Vocab, tokenize
+from .vocab import RESERVED_TOKENS, MissingFileError, Vocab, decode_utf8, tokenize
 
-__all__ = ['read_wiki', 'get_tokens_and_segments', 'get_next_sentence',
+__all__ = ['read_wiki', 'Paragraphs', 'get_tokens_and_segments', 'get_next_sentence',
            'get_nsp_data_from_paragraph', 'replace_mlm_tokens', 'get_mlm_data_from_tokens',
            'pad_bert_inputs', 'WikiTextDataset', 'load_data_wiki']
 
+log = logging.getLogger(__name__)
+
 MLM_FRACTION = 0.15  # BERT predicts 15% of the tokens of each sequence
+# With fewer paragraphs, every "random" next sentence of NSP comes from the same paragraph.
+MIN_PARAGRAPHS = 2
 
 
 def _rng(rng, seed=0) -> random.Random:
@@ -34,26 +42,58 @@ def _rng(rng, seed=0) -> random.Random:
     return rng
 
 
+class Paragraphs(list):
+    """The paragraphs `read_wiki` returns: a list that remembers its file, for messages."""
+
+    def __init__(self, paragraphs=(), source: str | None = None):
+        super().__init__(paragraphs)
+        self.source = source
+
+
+def _read_bytes(path: str) -> bytes:
+    """The bytes of `path`, gunzipped for .gz; a file that cannot be read raises DataError."""
+    try:
+        if path.endswith('.gz'):
+            with gzip.open(path, 'rb') as f:
+                return f.read()
+        with open(path, 'rb') as f:
+            return f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(f'{path}: not a readable gzip file, damaged or truncated '
+                        f'({err})') from None
+    except OSError as err:
+        raise DataError(f'{path}: cannot be read ({err.strerror or err})') from None
+
+
 def read_wiki(data_dir: str, rng: random.Random | None = None,
-              file_name: str = 'wiki.train.tokens') -> list[list[str]]:
+              file_name: str = 'wiki.train.tokens') -> Paragraphs:
     """Paragraphs of `file_name` (plain or .gz) as lists of lower-cased sentences, shuffled.
 
     A paragraph is a line with at least two ' . ' separated parts (headings and
     one-sentence lines are skipped), as in the book. `rng` defaults to Random(0).
+    A file that is missing, damaged, not UTF-8 or without any paragraph raises
+    `DataError` naming it (and the line); fewer than `MIN_PARAGRAPHS` logs a warning.
     """
     path = os.path.join(data_dir, file_name)
     if not os.path.exists(path) and os.path.exists(path + '.gz'):
         path += '.gz'
     if not os.path.exists(path):
-        raise FileNotFoundError(f'{file_name} not found in {data_dir} (nor {file_name}.gz); '
-                                "get WikiText-2 with gluon_bert.data.download_extract('wikitext-2')")
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rt', encoding='utf-8') as f:
-        lines = f.readlines()
+        raise MissingFileError(f'{file_name} not found in {data_dir} (nor {file_name}.gz); '
+                               "get WikiText-2 with gluon_bert.data.download_extract('wikitext-2')")
+    # Lines as text-mode open() splits them (universal newlines), as the book reads them.
+    lines = io.StringIO(decode_utf8(_read_bytes(path), path), newline=None).readlines()
     paragraphs = [line.strip().lower().split(' . ')
                   for line in lines if len(line.split(' . ')) >= 2]
+    if not paragraphs:
+        raise DataError(f'{path}: no paragraph in its {len(lines)} lines; a paragraph is a line '
+                        "of at least two sentences separated by ' . ' (WikiText's tokenized "
+                        'text), headings and one-sentence lines do not count')
+    if len(paragraphs) < MIN_PARAGRAPHS:
+        log.warning('%s: only %d paragraph(s), a tiny corpus: the random sentences of '
+                    'next-sentence prediction all come from that paragraph; pretrain on '
+                    'WikiText-2 (--download) or a larger file', path, len(paragraphs))
     _rng(rng).shuffle(paragraphs)
-    return paragraphs
+    return Paragraphs(paragraphs, source=path)
 
 
 def get_tokens_and_segments(tokens_a: list[str], tokens_b: list[str] | None = None):
@@ -147,8 +187,9 @@ def pad_bert_inputs(examples, max_len: int, vocab):
     nsp_labels = np.zeros(n, dtype=np.int32)
     for i, (ids, positions, labels, segs, is_next) in enumerate(examples):
         if len(ids) > max_len or len(positions) > num_preds:
-            raise ValueError(f'example {i} has {len(ids)} tokens and {len(positions)} '
-                             f'predictions; max_len={max_len} allows {num_preds}')
+            raise ConfigError(f'example {i} has {len(ids)} tokens and {len(positions)} '
+                              f'predictions; max_len={max_len} allows {max_len} tokens and '
+                              f'{num_preds} predictions')
         token_ids[i, :len(ids)] = ids
         segments[i, :len(segs)] = segs
         valid_lens[i] = len(ids)  # excludes <pad>
@@ -166,23 +207,47 @@ class WikiTextDataset:
     `__getitem__` returns the book's 7-tuple (token_ids, segments, valid_lens,
     pred_positions, mlm_weights, mlm_Y, nsp_y); `arrays` gives the pretraining
     batch keys of `BatchLoader`. The vocabulary defaults to the book's:
-    min_freq=5 with the reserved tokens <pad> <mask> <cls> <sep>. Examples are a
-    pure function of (paragraphs, max_len, vocab, seed); pass `rng` instead of
-    `seed` to continue a stream (`load_data_wiki` shares one with `read_wiki`).
+    `min_freq` (the book's 5) with the reserved tokens <pad> <mask> <cls> <sep>.
+    Examples are a pure function of (paragraphs, max_len, vocab, seed); pass `rng`
+    instead of `seed` to continue a stream (`load_data_wiki` shares one with `read_wiki`).
+
+    `source` names the data in messages (default: the file `read_wiki` read). No
+    paragraphs, or a vocabulary of nothing but the special tokens, raise DataError; a
+    max_len that no sentence pair fits raises ConfigError with the max_len that would.
     """
 
     def __init__(self, paragraphs: Sequence[Sequence[str]], max_len: int,
-                 vocab: Vocab | None = None, seed: int = 0, rng: random.Random | None = None):
+                 vocab: Vocab | None = None, seed: int = 0, rng: random.Random | None = None,
+                 *, min_freq: int = 5, source: str | None = None):
+        source = source or getattr(paragraphs, 'source', None) or 'the given paragraphs'
         rng = _rng(rng, seed)
         paragraphs = [tokenize(paragraph, token='word') for paragraph in paragraphs]
+        if not paragraphs:
+            raise DataError(f'{source}: no paragraphs to make pretraining examples from')
         if vocab is None:
             sentences = [sentence for paragraph in paragraphs for sentence in paragraph]
-            vocab = Vocab(sentences, min_freq=5, reserved_tokens=RESERVED_TOKENS)
+            vocab = Vocab(sentences, min_freq=min_freq, reserved_tokens=RESERVED_TOKENS)
+            if len(vocab) <= len(RESERVED_TOKENS) + 1:
+                raise DataError(
+                    f'{source}: no word occurs {min_freq} times or more in its '
+                    f'{len(paragraphs)} paragraph(s), so the vocabulary would hold only <unk> '
+                    'and the reserved tokens; use a larger corpus (WikiText-2: --download) or '
+                    'a lower min_freq (WikiTextDataset(..., min_freq=1))')
         self.vocab = vocab
         self.max_len = max_len
         nsp = []
         for paragraph in paragraphs:
             nsp.extend(get_nsp_data_from_paragraph(paragraph, paragraphs, vocab, max_len, rng))
+        if not nsp:
+            # <cls> a <sep> b <sep>: the shortest pair of consecutive sentences, plus 3
+            shortest = min((len(p[i]) + len(p[i + 1]) + 3
+                            for p in paragraphs for i in range(len(p) - 1)), default=None)
+            if shortest is None:
+                raise DataError(f'{source}: no paragraph has two sentences, so there is no '
+                                'pair for next-sentence prediction')
+            raise ConfigError(f'max_len={max_len} is too short for every sentence pair of '
+                              f'{source}: the shortest pair needs max_len={shortest} '
+                              '(the book uses 64)')
         examples = [get_mlm_data_from_tokens(tokens, vocab, rng) + (segments, is_next)
                     for tokens, segments, is_next in nsp]
         (self.all_token_ids, self.all_segments, self.valid_lens, self.all_pred_positions,
