@@ -232,6 +232,10 @@ def test_a_cache_folder_that_cannot_be_used(hub, tmp_path, monkeypatch, capsys, 
     assert f'{blocker} is a file' in msg or 'it is a file' in msg
     assert main(['download', 'bert.small']) == 2
     assert 'GLUON_BERT_HOME' in one_error_line(capsys, 'download')
+    monkeypatch.delenv('GLUON_BERT_HOME')
+    assert main(['download', 'bert.small', '--cache-dir', str(home)]) == 2
+    assert f'cache folder {home} (given as cache_dir or --cache-dir)' in one_error_line(
+        capsys, 'download')
 
 
 @pytest.mark.skipif(os.name != 'posix' or os.geteuid() == 0,

@@ -246,7 +246,10 @@ def test_manifest_lists_every_extracted_file(server, hub, tmp_path):
 
 @pytest.mark.parametrize('damage', ['planted', 'no manifest', 'resized', 'same size',
                                     'extra file', 'missing file', 'bad manifest'])
-def test_a_folder_that_does_not_match_is_extracted_again(server, hub, tmp_path, damage):
+def test_a_folder_that_does_not_match_is_extracted_again(server, hub, tmp_path, damage, caplog,
+                                                         monkeypatch):
+    import logging
+    monkeypatch.setattr(logging.getLogger('gluon_bert'), 'propagate', True)
     _checkpoint_entry(server, hub)
     target = os.path.join(tmp_path, 'bert.small')
     folder = os.path.join(target, 'bert.small')
@@ -272,7 +275,10 @@ def test_a_folder_that_does_not_match_is_extracted_again(server, hub, tmp_path, 
         elif damage == 'bad manifest':
             open(os.path.join(target, dl.MANIFEST), 'w').write('{not json')
     requests = len(server.requests)
+    caplog.clear()
     assert dl.download_extract('bert.small', str(tmp_path)) == folder
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f'{target} did not match its manifest')
     assert _vocab_of(folder) == '["<unk>", "v1"]'
     assert sorted(os.listdir(folder)) == ['pretrained.params', 'vocab.json']
     # the archive was verified and kept: extracting again needs no request after the first

@@ -158,7 +158,7 @@ def _writable_cache(folder: str, given: bool) -> None:
     Raises one `DownloadError` naming the folder and where its name came from.
     """
     if given:
-        origin = 'given as cache_dir'
+        origin = 'given as cache_dir or --cache-dir'
     elif os.environ.get('GLUON_BERT_HOME'):
         origin = 'from $GLUON_BERT_HOME'
     else:
@@ -179,7 +179,7 @@ def _writable_cache(folder: str, given: bool) -> None:
         except OSError as err:
             reason = err.strerror or str(err)
     raise DownloadError(f'cache folder {folder} ({origin}) is not usable: {reason}. '
-                        'Set GLUON_BERT_HOME to a folder you can write to.')
+                        'Set GLUON_BERT_HOME (or --cache-dir) to a folder you can write to.')
 
 
 def offline() -> bool:
