@@ -8,7 +8,7 @@ Messages name the file (and the line, where there is one) and say what to do.
 """
 from __future__ import annotations
 
-__all__ = ['GluonBertError', 'ConfigError', 'DataError', 'CheckpointError', 'RunFolderError',
+__all__ = ['GluonBertError', 'ConfigError', 'DataError', 'MissingFileError', 'CheckpointError', 'RunFolderError',
            'TrainingDiverged']
 
 
@@ -22,6 +22,11 @@ class ConfigError(GluonBertError, ValueError):
 
 class DataError(GluonBertError, ValueError):
     """An input file that cannot be read or holds nothing usable; names the file and line."""
+
+
+class MissingFileError(DataError, FileNotFoundError):
+    """An input file or folder that is not there (still a FileNotFoundError, for callers
+    that test for one, such as a missing SNLI train split)."""
 
 
 class CheckpointError(GluonBertError, RuntimeError):

@@ -48,8 +48,6 @@ def server():
 
 @pytest.fixture
 def logs(caplog, monkeypatch):
-    # a training run earlier in the session may have stopped gluon_bert's propagation
-    monkeypatch.setattr(logging.getLogger('gluon_bert'), 'propagate', True)
     caplog.set_level(logging.INFO, logger='gluon_bert')
     return caplog
 

@@ -249,7 +249,6 @@ def test_manifest_lists_every_extracted_file(server, hub, tmp_path):
 def test_a_folder_that_does_not_match_is_extracted_again(server, hub, tmp_path, damage, caplog,
                                                          monkeypatch):
     import logging
-    monkeypatch.setattr(logging.getLogger('gluon_bert'), 'propagate', True)
     _checkpoint_entry(server, hub)
     target = os.path.join(tmp_path, 'bert.small')
     folder = os.path.join(target, 'bert.small')

@@ -210,7 +210,7 @@ def test_torch_classifier_takes_the_books_single_tuple(case):
 
 @pytest.mark.parametrize('framework', FRAMEWORKS)
 def test_runner_predictions_match_mxnet(case, framework):
-    from gluon_bert.ports.runners import make_runner
+    from gluon_bert.train.runners import make_runner
     clf = make_runner(framework, case.config, case.clf_params, task='finetune')
     logits = clf.predict(case.fine)
     diff = max_abs(logits, case.logits)
@@ -229,7 +229,7 @@ def test_runner_predictions_match_mxnet(case, framework):
 
 @pytest.mark.parametrize('framework', FRAMEWORKS)
 def test_gradients_match_mxnet(case, framework):
-    from gluon_bert.ports.runners import make_runner
+    from gluon_bert.train.runners import make_runner
     runner = make_runner(framework, case.config, case.bert_params, task='pretrain')
     metrics, grads = runner.gradients(case.pre)
     assert abs(metrics['loss'] - case.loss) / case.loss < 1e-5

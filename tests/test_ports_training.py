@@ -12,7 +12,7 @@ from mxnet import autograd, gluon
 from gluon_bert.config import BERTConfig
 from gluon_bert.model import BERTClassifier, BERTModel, legacy_scope
 from gluon_bert.ports import convert
-from gluon_bert.ports.runners import FINETUNE_KEYS, make_runner
+from gluon_bert.train.runners import FINETUNE_KEYS, make_runner
 from gluon_bert.ports.synthetic import synthetic_batch
 from ports_fixtures import FRAMEWORKS
 
@@ -182,7 +182,7 @@ def test_torch_compile_matches_eager(tiny):
 def test_schedule_and_clipping_match_our_mxnet_step(tiny, framework):
     """With warmup, linear decay and a global-norm clip that bites, the ports follow the
     package's own MXNet step (MXNetRunner, as `compare` and `--framework` use it)."""
-    from gluon_bert.train.frameworks import MXNetRunner
+    from gluon_bert.train.runners import MXNetRunner
     from gluon_bert.train.schedule import learning_rate
     config, params, _ = tiny
     rng = onp.random.default_rng(3)
@@ -203,7 +203,7 @@ def test_schedule_and_clipping_match_our_mxnet_step(tiny, framework):
 
 
 def test_mxnet_runner_predicts_masked_tokens(tiny):
-    from gluon_bert.train.frameworks import MXNetRunner
+    from gluon_bert.train.runners import MXNetRunner
     config, params, batch = tiny
     mlm, nsp = MXNetRunner(config, params).predict(batch)
     assert mlm.shape == batch['pred_positions'].shape + (VOCAB,) and nsp.shape == (4, 2)
@@ -214,8 +214,35 @@ def test_mxnet_runner_predicts_masked_tokens(tiny):
 
 def test_ports_refuse_mxnet_device_lists(tmp_path):
     from gluon_bert.config import TrainConfig
-    from gluon_bert.train.frameworks import check_runner_options
-    cfg = TrainConfig(devices='cpu(0),cpu(1)', out_dir=str(tmp_path))
-    check_runner_options(cfg, 'mxnet')
-    with pytest.raises(ValueError, match='--devices cpu.0.,cpu.1. is for MXNet'):
-        check_runner_options(cfg, 'torch')
+    from gluon_bert.errors import ConfigError
+    TrainConfig(devices='cpu(0),cpu(1)', out_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match='--devices cpu.0.,cpu.1. is for MXNet'):
+        TrainConfig(devices='cpu(0),cpu(1)', out_dir=str(tmp_path), framework='torch')
+
+
+@pytest.mark.parametrize('framework', ['mxnet', *FRAMEWORKS])
+@pytest.mark.parametrize('task', ['pretrain', 'finetune'])
+def test_optimizer_state_round_trips_by_name(tiny, framework, task):
+    """A runner restored from another's parameters and optimizer state takes the same next
+    step: the state is keyed by parameter name, not by position."""
+    config, params, batch = tiny
+    if task == 'finetune':
+        params = {n: a for n, a in params.items() if not n.startswith(('mlm.', 'nsp.'))}
+        rng = onp.random.default_rng(5)
+        params.update({'output.weight': rng.uniform(-.07, .07, (3, config.num_hiddens)).astype('float32'),
+                       'output.bias': onp.zeros(3, 'float32')})
+        batch = dict({k: batch[k] for k in FINETUNE_KEYS[:-1]},
+                     labels=rng.integers(0, 3, len(batch['tokens'])).astype('int32'))
+    a = make_runner(framework, config, params, task=task, lr=0.01)
+    assert a.optimizer_state() == {}
+    for step in range(2):
+        a.train_step(batch, step)
+    state = a.optimizer_state()
+    assert {k.split('/', 1)[1] for k in state} == set(a.params())  # every parameter, by name
+    assert all(int(state[k]) == 2 for k in state if k.startswith('t/'))
+    b = make_runner(framework, config, a.params(), task=task, lr=0.01)
+    b.load_optimizer_state(dict(reversed(list(state.items()))))  # order does not matter
+    la, lb = a.train_step(batch, 2), b.train_step(batch, 2)
+    assert la == lb
+    pa, pb = a.params(), b.params()
+    assert all(onp.array_equal(pa[n], pb[n]) for n in pa)

@@ -131,7 +131,6 @@ def test_params_that_do_not_fit_the_preset(server, cache, tmp_path):
 def test_local_zip_says_where_it_unpacked_and_is_checked_on_reuse(cache, tmp_path, caplog,
                                                                   monkeypatch):
     import logging
-    monkeypatch.setattr(logging.getLogger('gluon_bert'), 'propagate', True)
     caplog.set_level(logging.INFO, logger='gluon_bert')
     data, _ = book_zip(tmp_path, name='bert.tiny')
     path = tmp_path / 'bert.tiny.zip'

@@ -21,18 +21,13 @@ import json
 import os
 from typing import Iterable, Sequence
 
-from ..errors import DataError
+from ..errors import DataError, MissingFileError  # noqa: F401  (re-exported)
 
 __all__ = ['RESERVED_TOKENS', 'tokenize', 'Vocab', 'MissingFileError', 'decode_utf8']
 
 # BERT's special tokens, in the order the book reserves them.
 RESERVED_TOKENS = ['<pad>', '<mask>', '<cls>', '<sep>']
 UNK = '<unk>'
-
-
-class MissingFileError(DataError, FileNotFoundError):
-    """An input file or folder that is not there. Still a FileNotFoundError, for callers
-    that test for one (a missing SNLI train split, for instance)."""
 
 
 def decode_utf8(data: bytes, path: str) -> str:

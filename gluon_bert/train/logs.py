@@ -11,9 +11,17 @@ __all__ = ['RunLog', 'plot_history', 'get_logger', 'progress_bar']
 logger = logging.getLogger('gluon_bert')
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (pytest and notebooks swap it)."""
+
+    def emit(self, record):
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def get_logger():
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler(sys.stderr)
         handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

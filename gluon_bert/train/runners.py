@@ -67,8 +67,8 @@ def _check_batch(batch: Mapping[str, Any], task: str, train: bool):
 
 
 def metrics_to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Device scalars -> Python floats (this waits for the device)."""
-    return {k: float(np.asarray(v).reshape(())) for k, v in metrics.items()}
+    """Device scalars (MXNet, torch, JAX, numpy) -> Python floats (waits for the device)."""
+    return {k: float(v.asscalar() if hasattr(v, 'asscalar') else v) for k, v in metrics.items()}
 
 
 def _uniform_count(state: Mapping[str, Any], framework: str) -> int:
