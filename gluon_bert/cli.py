@@ -203,10 +203,8 @@ def cmd_evaluate(args):
     _resolve_data(args, 'finetune')
     contexts = parse_contexts(args.devices)
     net, vocab, config = load_classifier(args.run, contexts)
-    if args.max_len and args.max_len > config.max_len:
-        from .errors import ConfigError
-        raise ConfigError(f'--max-len {args.max_len} exceeds the model\'s {config.max_len} '
-                          'positions: choose at most that')
+    if args.max_len:
+        config.check_max_len(args.max_len)
     net.hybridize(static_alloc=True, static_shape=True)
     cfg = TrainConfig.for_task('finetune', data_dir=args.data_dir, train_split=args.split,
                                eval_split=args.split, batch_size=args.batch_size,

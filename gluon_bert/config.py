@@ -96,6 +96,12 @@ class BERTConfig:
     def replace(self, **changes) -> 'BERTConfig':
         return dataclasses.replace(self, **changes)
 
+    def check_max_len(self, max_len: int) -> None:
+        """Refuse sequences longer than the model has positions for."""
+        if max_len > self.max_len:
+            raise ConfigError(f'--max-len {max_len} exceeds the model\'s {self.max_len} '
+                              'positions: choose at most that')
+
     # -- JSON round-trip ------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

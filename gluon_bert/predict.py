@@ -51,6 +51,8 @@ def predict_pairs(run, pairs, max_len=None, devices=None, batch_size=256):
     from .train import load_classifier, parse_contexts
     contexts = parse_contexts(devices)
     net, vocab, config = load_classifier(run, contexts)
+    if max_len:
+        config.check_max_len(max_len)
     max_len = max_len or min(128, config.max_len)
     premises = [tokenize_like_snli(p) for p, _ in pairs]
     hypotheses = [tokenize_like_snli(h) for _, h in pairs]

@@ -23,7 +23,7 @@ import math
 import os
 from typing import Any, Mapping
 
-from ..config import PRESETS, BERTConfig, TrainConfig
+from ..config import BERTConfig, TrainConfig
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from .checkpoint import (latest_checkpoint, load_config, load_optimizer_state, load_params,
                          read_state, save_checkpoint)
@@ -97,12 +97,6 @@ def _check_devices(cfg: TrainConfig):
     check_kvstore(cfg.kvstore, parse_contexts(cfg.devices))
 
 
-def _check_max_len(cfg: TrainConfig, model_max_len: int):
-    if cfg.max_len > model_max_len:
-        raise ConfigError(f'--max-len {cfg.max_len} exceeds the model\'s {model_max_len} '
-                          'positions: choose at most that')
-
-
 def initial_state(cfg: TrainConfig):
     """(BERTConfig, params, vocab, (train loader, eval loader or None)) that a fresh run,
     in any framework, starts from: the same weights and the same batches."""
@@ -112,7 +106,7 @@ def initial_state(cfg: TrainConfig):
     from ..ports.convert import mxnet_params
     if cfg.task == 'pretrain':
         from .pretrain import load_pretraining_data
-        _check_max_len(cfg, PRESETS[cfg.preset]['max_len'] if cfg.preset in PRESETS else 10 ** 9)
+        BERTConfig.from_preset(cfg.preset, vocab_size=1).check_max_len(cfg.max_len)
         loader, vocab = load_pretraining_data(cfg)
         config = BERTConfig.from_preset(cfg.preset, vocab_size=len(vocab))
         net = BERTModel(config)
@@ -124,7 +118,7 @@ def initial_state(cfg: TrainConfig):
         raise ConfigError('fine-tuning needs --init: a pretraining run folder, bert.small, '
                           'bert.base, or a zip/folder in the book\'s layout')
     bert, vocab = load_bert(cfg.init, [mx.cpu()])
-    _check_max_len(cfg, bert.config.max_len)
+    bert.config.check_max_len(cfg.max_len)
     clf = BERTClassifier(bert)
     mx.random.seed(cfg.seed, ctx='all')  # the new output layer's weights follow the seed
     clf.output.initialize(OUTPUT_INIT)
@@ -136,13 +130,13 @@ def _resume_point(cfg: TrainConfig, resume: bool, given):
     log = get_logger()
     skipped = []
     ckpt = latest_checkpoint(cfg.out_dir, verify=True, skipped=skipped)
-    for folder, why in skipped:
-        log.warning(f'skipping checkpoint {folder}: {why}')
     if ckpt is None:
         if skipped and resume:
             raise CheckpointError(f'no usable checkpoint in {cfg.out_dir}: ' +
                                   '; '.join(f'{os.path.basename(f)}: {w}' for f, w in skipped))
         return None, None, cfg, {}
+    for folder, why in skipped:
+        log.warning(f'skipping checkpoint {folder}: {why}')
     if not resume:
         raise CheckpointError(f'{cfg.out_dir} already holds a run ({os.path.basename(ckpt)}); '
                               'pass --resume to continue it or choose another --out-dir')
@@ -185,7 +179,7 @@ def _train(cfg, resume, progress, stop_after, given, start):
     log = get_logger()
     if ckpt is not None:
         config, vocab = load_config(ckpt), Vocab.load(os.path.join(ckpt, 'vocab.json'))
-        _check_max_len(cfg, config.max_len)
+        config.check_max_len(cfg.max_len)
         params, optimizer_state = load_params(ckpt), load_optimizer_state(ckpt)
         if cfg.task == 'pretrain':
             from .pretrain import load_pretraining_data
