@@ -198,7 +198,8 @@ def cmd_bench(args):
 
 def cmd_evaluate(args):
     from .config import TrainConfig
-    from .train import evaluate_accuracy, load_classifier, parse_contexts
+    from .pretrained import load_classifier
+    from .train import evaluate_accuracy, parse_contexts
     from .train.finetune import load_finetuning_data
     _resolve_data(args, 'finetune')
     contexts = parse_contexts(args.devices)

@@ -48,7 +48,8 @@ def read_pairs(path):
 
 def predict_pairs(run, pairs, max_len=None, devices=None, batch_size=256):
     from .data.snli import SNLIBERTDataset, tokenize_like_snli
-    from .train import load_classifier, parse_contexts
+    from .pretrained import load_classifier
+    from .train import parse_contexts
     contexts = parse_contexts(devices)
     net, vocab, config = load_classifier(run, contexts)
     if max_len:

@@ -1,11 +1,19 @@
-"""`load_pretrained`: the book's `load_pretrained_model` for this package's BERT.
+"""What a model name means, worked out in one place (`resolve`) for every command, and the
+loaders built on it: `load_pretrained` (the book's `load_pretrained_model`) and
+`load_classifier`.
 
-Takes a name from the download hub (`bert.small`, `bert.base`: the book's MXNet zips, checked
-against their SHA-1), a local zip in the same layout, or a folder holding `vocab.json` (the
-idx_to_token list) and `pretrained.params`.
+A name is, in this order:
+    a folder      a run or checkpoint folder of this package (the newest complete
+                  `ckpt-*/`), or a folder in the book's layout: `vocab.json` (the
+                  idx_to_token list) + `pretrained.params`, directly or in one sub-folder
+    a file        a `.zip` in the book's layout, unpacked once into the cache
+    a hub name    `bert.small`, `bert.base`: the book's MXNet zips, SHA-1 checked, cached
+`pretrain`, `finetune --init`, `evaluate`, `predict` and `load_pretrained` all call it, so a
+name means the same thing everywhere.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -15,7 +23,7 @@ from .config import PRESETS, BERTConfig
 from .errors import GluonBertError
 from .model import BERTModel
 
-__all__ = ['load_pretrained', 'PretrainedError']
+__all__ = ['resolve', 'ModelSource', 'load_pretrained', 'load_classifier', 'PretrainedError']
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +61,45 @@ def _extract_local_zip(path, cache_dir):
     return target
 
 
-def _folder(name_or_path, cache_dir):
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where the files of a named model are."""
+    name: str                 # as given
+    kind: str                 # 'checkpoint' (a run of this package) or 'book' (its layout)
+    params: str               # the .params file
+    vocab: str                # vocab.json
+    config: str | None        # config.json, where there is one
+    task: str                 # 'pretrain' (a BERTModel) or 'finetune' (a BERTClassifier)
+
+
+def _book_layout(name, folder):
+    vocab = _find(folder, 'vocab.json')
+    config = os.path.join(os.path.dirname(vocab), 'config.json')
+    return ModelSource(name, 'book', _find(folder, 'pretrained.params'), vocab,
+                       config if os.path.isfile(config) else None, 'pretrain')
+
+
+def resolve(name_or_path, cache_dir=None) -> ModelSource:
+    """The files a model name stands for (see the module's docstring for the order)."""
     from .data.download import DATA_HUB, download_extract
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    if os.path.isfile(name_or_path):
-        if not name_or_path.endswith('.zip'):
-            raise PretrainedError(f'{name_or_path}: expected a .zip or a folder')
-        return _extract_local_zip(name_or_path, cache_dir)
-    if name_or_path in DATA_HUB:
-        return download_extract(name_or_path, cache_dir=cache_dir)
-    raise PretrainedError(f'{name_or_path!r} is neither a file, a folder nor a hub name '
+    from .train.checkpoint import latest_checkpoint, read_state
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name):
+        ckpt = latest_checkpoint(name)
+        if ckpt is not None:
+            return ModelSource(name, 'checkpoint', os.path.join(ckpt, 'model.params'),
+                               os.path.join(ckpt, 'vocab.json'),
+                               os.path.join(ckpt, 'config.json'),
+                               read_state(ckpt).get('task', 'pretrain'))
+        return _book_layout(name, name)
+    if os.path.isfile(name):
+        if not name.endswith('.zip'):
+            raise PretrainedError(f'{name}: expected a .zip, a run folder or a folder in the '
+                                  'book\'s layout')
+        return _book_layout(name, _extract_local_zip(name, cache_dir))
+    if name in DATA_HUB:
+        return _book_layout(name, download_extract(name, cache_dir=cache_dir))
+    raise PretrainedError(f'{name!r} is neither a run or model folder, a zip, nor a hub name '
                           f'({", ".join(n for n in DATA_HUB if n.startswith("bert"))})')
 
 
@@ -77,7 +113,8 @@ def _find(folder, filename):
         candidate = os.path.join(folder, d, filename)
         if os.path.isfile(candidate):
             return candidate
-    raise PretrainedError(f'{folder}: no {filename} (expected vocab.json + pretrained.params)')
+    raise PretrainedError(f'{folder}: no {filename}: neither a run or checkpoint folder of '
+                          'gluon-bert nor the book\'s layout (vocab.json + pretrained.params)')
 
 
 def _check_shapes(bert, params_path):
@@ -112,23 +149,47 @@ def _check_shapes(bert, params_path):
                               + ', '.join(parts))
 
 
-def load_pretrained(name_or_path, ctx=None, preset=None, dropout=None, cache_dir=None):
-    """(BERTModel, Vocab) as the book's `load_pretrained_model` returns them."""
+def _config_of(source: ModelSource, vocab, preset):
+    if source.config:
+        try:
+            return BERTConfig.load(source.config)
+        except (OSError, ValueError, TypeError) as err:
+            raise PretrainedError(f'{source.config}: cannot read the model config ({err})') from err
+    return BERTConfig.from_preset(_preset_for(source.name, preset), vocab_size=len(vocab))
+
+
+def _load(source: ModelSource, net_cls, ctx, preset=None, dropout=None):
     from .data.vocab import Vocab
-    folder = _folder(os.fspath(name_or_path), cache_dir)
-    vocab = Vocab.load(_find(folder, 'vocab.json'))
-    config_file = os.path.join(os.path.dirname(_find(folder, 'vocab.json')), 'config.json')
-    if os.path.isfile(config_file):
-        config = BERTConfig.load(config_file)
-    else:
-        config = BERTConfig.from_preset(_preset_for(name_or_path, preset), vocab_size=len(vocab))
+    vocab = Vocab.load(source.vocab)
+    config = _config_of(source, vocab, preset)
     if dropout is not None:
         config = config.replace(dropout=dropout)
     if config.vocab_size != len(vocab):
-        raise PretrainedError(f'{folder}: vocab.json has {len(vocab)} tokens, the config '
+        raise PretrainedError(f'{source.vocab} has {len(vocab)} tokens, the config '
                               f'{config.vocab_size}')
-    bert = BERTModel(config)
-    params_path = _find(folder, 'pretrained.params')
-    _check_shapes(bert, params_path)
-    bert.load_parameters(params_path, ctx=ctx or mx.cpu())
-    return bert, vocab
+    net = net_cls(config)
+    _check_shapes(net, source.params)
+    net.load_parameters(source.params, ctx=ctx or mx.cpu())
+    return net, vocab
+
+
+def load_pretrained(name_or_path, ctx=None, preset=None, dropout=None, cache_dir=None):
+    """(BERTModel, Vocab) as the book's `load_pretrained_model` returns them, from any name
+    `resolve` takes (a pretraining run of this package too)."""
+    source = resolve(name_or_path, cache_dir)
+    if source.task != 'pretrain':
+        raise PretrainedError(f'{source.name} is a {source.task} run; a BERT to fine-tune '
+                              'comes from a pretraining run, bert.small, bert.base or a '
+                              'zip/folder in the book\'s layout')
+    return _load(source, BERTModel, ctx, preset, dropout)
+
+
+def load_classifier(name_or_path, ctx=None):
+    """(BERTClassifier, Vocab, BERTConfig) of a fine-tuning run or checkpoint folder."""
+    from .model import BERTClassifier
+    source = resolve(name_or_path)
+    if source.kind != 'checkpoint' or source.task != 'finetune':
+        raise PretrainedError(f'{source.name} is not a fine-tuning run of gluon-bert '
+                              '(`gluon-bert finetune --out-dir ...` makes one)')
+    net, vocab = _load(source, BERTClassifier, ctx)
+    return net, vocab, net.config

@@ -146,3 +146,50 @@ def test_local_zip_says_where_it_unpacked_and_is_checked_on_reuse(cache, tmp_pat
     (target / 'bert.tiny' / 'vocab.json').write_text(json.dumps(TOKENS[:-1]))
     _, vocab = load_pretrained(str(path), preset='tiny')
     assert vocab.idx_to_token == TOKENS and len(caplog.records) == 2  # the warning, the info
+
+
+def _run_of(tmp_path, task):
+    """A run folder of this package with one checkpoint of `task`."""
+    from gluon_bert.data import Vocab
+    from gluon_bert.model import BERTClassifier
+    from gluon_bert.ports.convert import mxnet_params
+    from gluon_bert.train import save_checkpoint
+    config = BERTConfig.from_preset('tiny', vocab_size=len(TOKENS))
+    net = BERTModel(config) if task == 'pretrain' else BERTClassifier(config)
+    net.initialize(init.Xavier())
+    run = str(tmp_path / f'{task}-run')
+    os.makedirs(run)
+    (tmp_path / 'vocab.json').write_text(json.dumps(TOKENS))
+    vocab = Vocab.load(str(tmp_path / 'vocab.json'))
+    ckpt = save_checkpoint(run, 4, mxnet_params(net), config, vocab, dict(task=task, history=[]))
+    return run, ckpt, net
+
+
+def test_one_resolver_for_every_kind_of_name(cache, tmp_path):
+    """Run folders, checkpoint folders, book-layout folders and zips, each resolved once."""
+    from gluon_bert.pretrained import load_classifier, resolve
+    run, ckpt, net = _run_of(tmp_path, 'pretrain')
+    for name in (run, ckpt):  # a run folder means its newest checkpoint
+        source = resolve(name)
+        assert (source.kind, source.task) == ('checkpoint', 'pretrain')
+        assert source.params == os.path.join(ckpt, 'model.params')
+    bert, vocab = load_pretrained(run)
+    assert len(vocab) == len(TOKENS)
+    assert onp.array_equal(bert.encoder.pos_embedding.data().asnumpy(),
+                           net.encoder.pos_embedding.data().asnumpy())
+    data, _ = book_zip(tmp_path)
+    path = tmp_path / 'bert.tiny.zip'
+    path.write_bytes(data)
+    assert resolve(str(path)).kind == 'book'
+    # a fine-tuning run is a classifier, not a BERT to fine-tune, and the other way round
+    ft_run, _, _ = _run_of(tmp_path, 'finetune')
+    with pytest.raises(PretrainedError, match='is a finetune run'):
+        load_pretrained(ft_run)
+    with pytest.raises(PretrainedError, match='is not a fine-tuning run'):
+        load_classifier(run)
+    clf, _, config = load_classifier(ft_run)
+    assert config.preset == 'tiny' and clf.output.weight.shape == (3, 32)
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    with pytest.raises(PretrainedError, match='neither a run or checkpoint folder'):
+        resolve(str(empty))

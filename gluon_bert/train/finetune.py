@@ -9,49 +9,16 @@ from mxnet import init
 
 from ..config import TrainConfig
 from ..errors import ConfigError
-from ..model import BERTClassifier, BERTModel
-from .checkpoint import CheckpointError, latest_checkpoint, load_config, read_state
 from .loop import train
 from .step import split_batch
 
-__all__ = ['finetune', 'load_bert', 'load_classifier', 'evaluate_accuracy',
+__all__ = ['finetune', 'evaluate_accuracy',
            'load_finetuning_data']
 
 
 # The new output layer starts as the book's: it calls net.output.initialize(), which is
 # MXNet's default Uniform(0.07).
 OUTPUT_INIT = init.Uniform(0.07)
-
-
-def load_bert(source: str, contexts):
-    """(BERTModel, vocab) from a pretraining run / checkpoint folder of ours, or anything
-    `gluon_bert.load_pretrained` takes (bert.small, bert.base, a zip or folder)."""
-    from ..data.vocab import Vocab
-    ckpt = latest_checkpoint(source) if source and os.path.isdir(source) else None
-    if ckpt is not None:
-        state = read_state(ckpt)
-        if state.get('task') != 'pretrain':
-            raise CheckpointError(f'{ckpt} is a {state.get("task")} checkpoint; fine-tuning '
-                                  'starts from a pretraining run')
-        bert = BERTModel(load_config(ckpt))
-        bert.load_parameters(os.path.join(ckpt, 'model.params'), ctx=contexts)
-        return bert, Vocab.load(os.path.join(ckpt, 'vocab.json'))
-    from ..pretrained import load_pretrained
-    return load_pretrained(source, ctx=contexts)
-
-
-def load_classifier(source: str, contexts):
-    """(BERTClassifier, vocab, config) from a fine-tuning run or checkpoint folder."""
-    from ..data.vocab import Vocab
-    ckpt = latest_checkpoint(source)
-    if ckpt is None:
-        raise CheckpointError(f'no complete checkpoint in {source}')
-    if read_state(ckpt).get('task') != 'finetune':
-        raise CheckpointError(f'{ckpt} is not a fine-tuning checkpoint')
-    config = load_config(ckpt)
-    net = BERTClassifier(config)
-    net.load_parameters(os.path.join(ckpt, 'model.params'), ctx=contexts)
-    return net, Vocab.load(os.path.join(ckpt, 'vocab.json')), config
 
 
 def load_finetuning_data(cfg: TrainConfig, vocab):

@@ -113,11 +113,12 @@ def initial_state(cfg: TrainConfig):
         mx.random.seed(cfg.seed, ctx='all')  # the initial weights are a function of the seed
         net.initialize(init.Xavier())
         return config, mxnet_params(net), vocab, (loader, None)
-    from .finetune import OUTPUT_INIT, load_bert, load_finetuning_data
+    from ..pretrained import load_pretrained
+    from .finetune import OUTPUT_INIT, load_finetuning_data
     if not cfg.init:
         raise ConfigError('fine-tuning needs --init: a pretraining run folder, bert.small, '
                           'bert.base, or a zip/folder in the book\'s layout')
-    bert, vocab = load_bert(cfg.init, [mx.cpu()])
+    bert, vocab = load_pretrained(cfg.init, ctx=mx.cpu())
     bert.config.check_max_len(cfg.max_len)
     clf = BERTClassifier(bert)
     mx.random.seed(cfg.seed, ctx='all')  # the new output layer's weights follow the seed
