@@ -17,6 +17,9 @@ from .errors import ConfigError
 __all__ = ['BERTConfig', 'TrainConfig', 'PRESETS', 'preset_names']
 
 
+# What the BERT paper's models add to the book's architecture (see BERTConfig).
+_BERT = dict(activation='gelu', embedding_norm=True, layer_norm_eps=1e-12, tie_mlm_decoder=True)
+
 # Shapes of the BERTs that users know by name. The vocabulary size is not part of
 # a preset: it comes from the vocabulary the model is built for.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -31,7 +34,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Small enough for unit tests (HF's BertModelTester uses hidden 32, 2 layers).
     'tiny': dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=2,
                  num_blks=2, dropout=0.1, max_len=64),
+    # The BERTs of the paper, as GluonNLP's model zoo and Hugging Face publish them: GELU,
+    # a LayerNorm after the embeddings, epsilon 1e-12, the MLM decoder tied to the token
+    # embedding (names as gluon-nlp's `bert_12_768_12`; HF's bert-base-* / bert-large-*).
+    'bert_12_768_12': dict(num_hiddens=768, ffn_num_hiddens=3072, num_heads=12,
+                           num_blks=12, dropout=0.1, max_len=512, **_BERT),
+    'bert_24_1024_16': dict(num_hiddens=1024, ffn_num_hiddens=4096, num_heads=16,
+                            num_blks=24, dropout=0.1, max_len=512, **_BERT),
+    # `tiny` with the real BERT's options, for unit tests of the import paths.
+    'tiny.bert': dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=2,
+                      num_blks=2, dropout=0.1, max_len=64, **_BERT),
 }
+ACTIVATIONS = ('relu', 'gelu')
 
 
 def preset_names() -> list[str]:
@@ -50,6 +64,11 @@ class BERTConfig:
     max_len: int = 1000
     num_classes: int = 3  # outputs of BERTClassifier (SNLI: 3)
     preset: str | None = None  # the preset this config was made from, if any
+    # What real BERTs add to the book's architecture; the defaults are the book's.
+    activation: str = 'relu'        # of the FFN and the MLM hidden layer; 'gelu' (erf form)
+    embedding_norm: bool = False    # LayerNorm, then dropout, after the summed embeddings
+    layer_norm_eps: float = 1e-5    # MXNet's default (the book's); BERT uses 1e-12
+    tie_mlm_decoder: bool = False   # MLM output = hidden @ token_embedding.T + its own bias
 
     def __post_init__(self):
         for field in ('vocab_size', 'num_hiddens', 'ffn_num_hiddens', 'num_heads',
@@ -62,6 +81,16 @@ class BERTConfig:
                              f'num_heads ({self.num_heads})')
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f'dropout must be in [0, 1), got {self.dropout!r}')
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f'activation must be one of {", ".join(ACTIVATIONS)}, got '
+                              f'{self.activation!r}')
+        for field in ('embedding_norm', 'tie_mlm_decoder'):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(f'BERTConfig.{field} must be true or false, got '
+                                  f'{getattr(self, field)!r}')
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ConfigError(f'layer_norm_eps must be a number in (0, 1), got {eps!r}')
 
     # -- construction ---------------------------------------------------------
     @classmethod
@@ -139,8 +168,9 @@ TASKS = ('pretrain', 'finetune')
 FRAMEWORKS = ('mxnet', 'torch', 'jax')
 SCHEDULES = ('constant', 'linear', 'cosine')
 # 'device' reduces gradients on the GPUs, 'local' on the CPU, 'none' not at all (one
-# device); the dist_* ones are MXNet's parameter server across processes and machines.
-KVSTORES = ('device', 'local', 'none', 'dist_sync', 'dist_device_sync', 'dist_async')
+# device); the dist_* ones are MXNet's parameter server across processes and machines,
+# 'horovod' is Horovod's allreduce (both under `gluon-bert launch`).
+KVSTORES = ('device', 'local', 'none', 'dist_sync', 'dist_device_sync', 'dist_async', 'horovod')
 # What a resumed run may change: its length, how often it logs and checkpoints, and where
 # it runs (losses are normalised by the global batch, so the devices do not change the
 # result). Everything else is the checkpoint's.
@@ -214,6 +244,14 @@ class TrainConfig:
             raise bad('kvstore', 'one of ' + ', '.join(KVSTORES))
         if self.framework not in FRAMEWORKS:
             raise bad('framework', 'one of ' + ', '.join(FRAMEWORKS))
+        if self.kvstore == 'dist_async':
+            raise ConfigError('--kvstore dist_async applies updates on the servers, where '
+                              'this package cannot clip gradients or save the optimizer state '
+                              'by parameter name for an exact resume: use dist_sync')
+        if self.framework != 'mxnet' and self.kvstore in ('dist_sync', 'dist_device_sync',
+                                                          'horovod'):
+            raise ConfigError(f'--kvstore {self.kvstore} trains MXNet across processes; the '
+                              f'{self.framework} port trains in one process')
         if self.framework != 'mxnet' and self.devices not in (None, '', 'auto'):
             raise ConfigError(f'--devices {self.devices} is for MXNet; the {self.framework} '
                               'port trains on one device (the first GPU, else the CPU): '

@@ -237,3 +237,59 @@ def test_graph_is_convertible_by_amp():
     assert len(before) == len(after) >= 4 * net.config.num_blks  # W_q, W_k, W_v, W_o per block
     assert all(t == onp.float32 for t in before)
     assert sum(t == onp.float16 for t in after) >= len(after) // 2
+
+
+# -- the options of real BERTs ----------------------------------------------------------------
+
+def test_bert_options_names_heads_and_round_trip(hybridize, tmp_path):
+    """GELU, embedding LayerNorm, epsilon and the tied decoder: one parameter more and one
+    less than the book's names; the MLM head is gelu -> LayerNorm -> the token embedding."""
+    import math
+    erf = onp.vectorize(math.erf)
+    book = BERTModel(BERTConfig.from_preset('tiny', vocab_size=VOCAB))
+    config = BERTConfig.from_preset('tiny.bert', vocab_size=VOCAB, dropout=0.0)
+    net = BERTModel(config)
+    net.initialize(init.Normal(0.5))
+    names = set(net._collect_params_with_prefix())
+    book_names = set(book._collect_params_with_prefix())
+    assert names - book_names == {'encoder.embedding_ln.gamma', 'encoder.embedding_ln.beta'}
+    assert book_names - names == {'mlm.mlp.2.weight'}
+    if hybridize:
+        net.hybridize(static_alloc=True, static_shape=True)
+    rs = onp.random.RandomState(7)
+    tokens, segments, valid_lens, positions = (mx.nd.array(a) for a in make_batch(rs, 3, 10, 4))
+    enc, mlm, nsp = net(tokens, segments, valid_lens, positions)
+    assert enc.shape == (3, 10, 32) and mlm.shape == (3, 4, VOCAB) and nsp.shape == (3, 2)
+    # the MLM head by hand, in numpy
+    p = {k: v.data().asnumpy() for k, v in net._collect_params_with_prefix().items()}
+    X = enc.asnumpy()[onp.arange(3)[:, None], positions.asnumpy().astype(int)]  # (B, P, H)
+    h = X @ p['mlm.mlp.0.weight'].T + p['mlm.mlp.0.bias']
+    h = 0.5 * h * (1 + erf(h / onp.sqrt(2)))
+    h = (h - h.mean(-1, keepdims=True)) / onp.sqrt(h.var(-1, keepdims=True) + 1e-12)
+    h = h * p['mlm.mlp.1.gamma'] + p['mlm.mlp.1.beta']
+    want = h @ p['encoder.token_embedding.weight'].T + p['mlm.mlp.2.bias']
+    onp.testing.assert_allclose(mlm.asnumpy(), want, rtol=1e-4, atol=1e-4)
+    # the decoder's gradient reaches the token embedding
+    with autograd.record():
+        loss = net(tokens, segments, valid_lens, positions)[1].sum()
+    loss.backward()
+    assert float(net.encoder.token_embedding.weight.grad().abs().sum().asscalar()) > 0
+    # save -> load -> the same numbers, and the config survives its JSON
+    path = str(tmp_path / 'bert.params')
+    net.save_parameters(path)
+    again = BERTModel(BERTConfig.from_json(config.to_json()))
+    again.load_parameters(path)
+    for a, b in zip(again(tokens, segments, valid_lens, positions), (enc, mlm, nsp)):
+        assert max_diff(a, b) < 1e-6
+
+
+def test_old_configs_read_as_the_book_and_bad_options_are_refused():
+    from gluon_bert.errors import ConfigError
+    old = {k: v for k, v in BERTConfig.from_preset('bert.small', vocab_size=9).to_dict().items()
+           if k not in ('activation', 'embedding_norm', 'layer_norm_eps', 'tie_mlm_decoder')}
+    c = BERTConfig.from_dict(old)
+    assert (c.activation, c.embedding_norm, c.layer_norm_eps, c.tie_mlm_decoder) == (
+        'relu', False, 1e-5, False)
+    for bad in (dict(activation='gelu_new'), dict(layer_norm_eps=0), dict(embedding_norm=1)):
+        with pytest.raises(ConfigError):
+            BERTConfig.from_preset('tiny', vocab_size=9, **bad)

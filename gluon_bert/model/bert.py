@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 
+import mxnet as mx
 from mxnet.gluon import nn
 
 from ..config import BERTConfig
@@ -19,7 +20,7 @@ __all__ = ['BERTModel', 'BERTClassifier', 'cls_hidden']
 
 
 def cls_hidden(F, hidden, encoded_X):
-    """The book's pooled representation: hidden(encoded_X[:, 0, :])."""
+    """The book's pooled representation: hidden(encoded_X[:, 0, :]); BERT's pooler."""
     cls = F.slice_axis(encoded_X, axis=1, begin=0, end=1)  # (B, L, H) -> (B, 1, H)
     return hidden(F.reshape(cls, shape=(0, -1)))          # (B, 1, H) -> (B, H) -> (B, H)
 
@@ -41,10 +42,12 @@ class BERTModel(LegacyBoundary, nn.HybridBlock):
         self.config = BERTConfig.from_args(config, *args, **kwargs)
         c = self.config
         with self.name_scope():
-            self.encoder = BERTEncoder(c.vocab_size, c.num_hiddens, c.ffn_num_hiddens,
-                                       c.num_heads, c.num_blks, c.dropout, c.max_len)
+            self.encoder = BERTEncoder.from_config(c)
+            # The book's `hidden` layer is BERT's pooler (dense + tanh at <cls>), its NSP
+            # head BERT's `seq_relationship`: the same blocks under the book's names.
             self.hidden = Dense(c.num_hiddens, activation='tanh', in_units=c.num_hiddens)
-            self.mlm = MaskLM(c.vocab_size, c.num_hiddens)
+            self.mlm = MaskLM(c.vocab_size, c.num_hiddens, c.activation, c.layer_norm_eps,
+                              c.tie_mlm_decoder)
             self.nsp = NextSentencePred(c.num_hiddens)
 
     def __call__(self, tokens, segments, valid_lens=None, pred_positions=None):
@@ -64,7 +67,13 @@ class BERTModel(LegacyBoundary, nn.HybridBlock):
         nsp_Y_hat = self.nsp(cls_hidden(F, self.hidden, encoded_X))  # (B, 2)
         if pred_positions is None:
             return encoded_X, nsp_Y_hat
-        return encoded_X, self.mlm(encoded_X, pred_positions), nsp_Y_hat
+        if not self.config.tie_mlm_decoder:
+            return encoded_X, self.mlm(encoded_X, pred_positions), nsp_Y_hat
+        # The tied decoder reads the token embedding: its variable in a graph, its value
+        # on the input's device when imperative.
+        weight = self.encoder.token_embedding.weight
+        weight = weight.var() if F is mx.sym else weight.data(tokens.context)
+        return encoded_X, self.mlm(encoded_X, pred_positions, weight), nsp_Y_hat
 
 
 class BERTClassifier(LegacyBoundary, nn.HybridBlock):
@@ -91,8 +100,7 @@ class BERTClassifier(LegacyBoundary, nn.HybridBlock):
         with self.name_scope():
             if bert is None:
                 c = config
-                self.encoder = BERTEncoder(c.vocab_size, c.num_hiddens, c.ffn_num_hiddens,
-                                           c.num_heads, c.num_blks, c.dropout, c.max_len)
+                self.encoder = BERTEncoder.from_config(c)
                 self.hidden = Dense(c.num_hiddens, activation='tanh', in_units=c.num_hiddens)
             else:
                 self.encoder = bert.encoder

@@ -1,5 +1,10 @@
 """The Transformer encoder blocks and the BERT encoder.
 
+The book's blocks, with what the BERT paper's models add as options (all off by default):
+a GELU activation, a LayerNorm (and dropout) after the summed embeddings, and the
+LayerNorm epsilon. Options add no parameters where they are off, so the book's names
+stay as they are.
+
 Shape legend
     B: batch size   L: sequence length (<= max_len)   H: num_hiddens   F: ffn_num_hiddens
 """
@@ -10,32 +15,48 @@ from mxnet.gluon import nn
 from .attention import MultiHeadAttention
 from .layers import Dense, Dropout, Embedding, HybridSequential, LayerNorm, LegacyBoundary
 
-__all__ = ['PositionWiseFFN', 'AddNorm', 'TransformerEncoderBlock', 'BERTEncoder']
+__all__ = ['PositionWiseFFN', 'AddNorm', 'TransformerEncoderBlock', 'BERTEncoder',
+           'activation_dense', 'apply_activation']
+
+
+def activation_dense(units, in_units, activation):
+    """A Dense layer for `activation`: relu and tanh are fused into the layer as the book
+    has them; gelu (not one of MXNet's Activation types) is applied after it by
+    `apply_activation`, so that the parameter names are the same for both."""
+    fused = activation if activation in ('relu', 'tanh') else None
+    return Dense(units, flatten=False, activation=fused, in_units=in_units)
+
+
+def apply_activation(F, X, activation):
+    """The part of `activation` that `activation_dense` does not fuse."""
+    if activation == 'gelu':
+        return F.LeakyReLU(X, act_type='gelu')  # x * Phi(x), the erf form BERT uses
+    return X
 
 
 class PositionWiseFFN(LegacyBoundary, nn.HybridBlock):
     """Two dense layers applied to every position: (B, L, H) -> (B, L, F) -> (B, L, H)."""
 
-    def __init__(self, ffn_num_hiddens, ffn_num_outputs, **kwargs):
+    def __init__(self, ffn_num_hiddens, ffn_num_outputs, activation='relu', **kwargs):
         super().__init__(**kwargs)
+        self._activation = activation
         with self.name_scope():
             # The block is residual: its input has ffn_num_outputs features too.
-            self.dense1 = Dense(ffn_num_hiddens, flatten=False, activation='relu',
-                                in_units=ffn_num_outputs)
+            self.dense1 = activation_dense(ffn_num_hiddens, ffn_num_outputs, activation)
             self.dense2 = Dense(ffn_num_outputs, flatten=False, in_units=ffn_num_hiddens)
 
     def hybrid_forward(self, F, X):
-        return self.dense2(self.dense1(X))
+        return self.dense2(apply_activation(F, self.dense1(X), self._activation))
 
 
 class AddNorm(LegacyBoundary, nn.HybridBlock):
     """Residual connection followed by layer normalization: ln(dropout(Y) + X)."""
 
-    def __init__(self, dropout, num_features=0, **kwargs):
+    def __init__(self, dropout, num_features=0, eps=1e-5, **kwargs):
         super().__init__(**kwargs)
         with self.name_scope():
             self.dropout = Dropout(dropout)
-            self.ln = LayerNorm(in_channels=num_features)
+            self.ln = LayerNorm(in_channels=num_features, epsilon=eps)
 
     def hybrid_forward(self, F, X, Y):
         return self.ln(self.dropout(Y) + X)
@@ -45,13 +66,13 @@ class TransformerEncoderBlock(LegacyBoundary, nn.HybridBlock):
     """Post-LN Transformer encoder block, as in the book and the BERT paper."""
 
     def __init__(self, num_hiddens, ffn_num_hiddens, num_heads, dropout, use_bias=False,
-                 **kwargs):
+                 activation='relu', eps=1e-5, **kwargs):
         super().__init__(**kwargs)
         with self.name_scope():
             self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout, use_bias)
-            self.addnorm1 = AddNorm(dropout, num_hiddens)
-            self.ffn = PositionWiseFFN(ffn_num_hiddens, num_hiddens)
-            self.addnorm2 = AddNorm(dropout, num_hiddens)
+            self.addnorm1 = AddNorm(dropout, num_hiddens, eps)
+            self.ffn = PositionWiseFFN(ffn_num_hiddens, num_hiddens, activation)
+            self.addnorm2 = AddNorm(dropout, num_hiddens, eps)
 
     def hybrid_forward(self, F, X, valid_lens=None):
         Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))  # (B, L, H)
@@ -59,28 +80,43 @@ class TransformerEncoderBlock(LegacyBoundary, nn.HybridBlock):
 
 
 class BERTEncoder(LegacyBoundary, nn.HybridBlock):
-    """Token + segment + learnable positional embeddings, then `num_blks` encoder blocks."""
+    """Token + segment + learnable positional embeddings, then `num_blks` encoder blocks.
+
+    `embedding_norm=True` (BERT) normalises the summed embeddings (`embedding_ln`) and
+    applies dropout to them before the first block; the book feeds the sum as it is.
+    """
 
     def __init__(self, vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks, dropout,
-                 max_len=1000, **kwargs):
+                 max_len=1000, activation='relu', embedding_norm=False, eps=1e-5, **kwargs):
         super().__init__(**kwargs)
         self.max_len = max_len
+        self._embedding_norm = embedding_norm
         with self.name_scope():
             self.token_embedding = Embedding(vocab_size, num_hiddens)
             self.segment_embedding = Embedding(2, num_hiddens)
+            if embedding_norm:
+                self.embedding_ln = LayerNorm(in_channels=num_hiddens, epsilon=eps)
+                self.embedding_dropout = Dropout(dropout)
             self.blks = HybridSequential()
             for _ in range(num_blks):
                 # BERT's attention projections have biases (use_bias=True), as in the book.
                 self.blks.add(TransformerEncoderBlock(num_hiddens, ffn_num_hiddens, num_heads,
-                                                      dropout, True))
+                                                      dropout, True, activation, eps))
             # Positional embeddings are learned in BERT; long enough for any allowed input.
             self.pos_embedding = self.params.get('pos_embedding', shape=(1, max_len, num_hiddens))
+
+    @classmethod
+    def from_config(cls, c):
+        return cls(c.vocab_size, c.num_hiddens, c.ffn_num_hiddens, c.num_heads, c.num_blks,
+                   c.dropout, c.max_len, c.activation, c.embedding_norm, c.layer_norm_eps)
 
     def hybrid_forward(self, F, tokens, segments, valid_lens=None, pos_embedding=None):
         X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, L, H)
         # The first L rows of the positional table: (1, max_len, H) -> (1, L, H)
         pos = F.slice_like(pos_embedding, X, axes=(1,))
         X = F.broadcast_add(X, pos)                                           # (B, L, H)
+        if self._embedding_norm:
+            X = self.embedding_dropout(self.embedding_ln(X))                  # (B, L, H)
         for blk in self.blks:
             X = blk(X, valid_lens)
         return X

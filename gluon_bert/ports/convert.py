@@ -12,6 +12,11 @@ pattern (`{i}`: encoder block index) and whether the array is transposed on the 
 * JAX port: nested dicts with Flax's leaf names; dense `kernel`s are (in, out), i.e. the
   MXNet weight transposed.
 
+BERTConfig's options for real BERTs change which rows apply: `embedding_norm` adds the
+`encoder.embedding_ln` rows, `tie_mlm_decoder` drops `mlm.mlp.2.weight` (the decoder reads
+`encoder.token_embedding.weight`, which has that one name in every framework). Without a
+config both are read off the names.
+
 The conversions only move and transpose arrays, so a round trip is bit-identical. Each
 checks its input: missing, unexpected and mis-shaped names are all reported in one error.
 Parameter dicts on the MXNet side are `{name: numpy array}` with the names of
@@ -42,6 +47,8 @@ TORCH_TABLE: tuple[tuple[str, str], ...] = (
     ('encoder.token_embedding.weight', 'encoder.token_embedding.weight'),
     ('encoder.segment_embedding.weight', 'encoder.segment_embedding.weight'),
     ('encoder.pos_embedding', 'encoder.pos_embedding'),
+    ('encoder.embedding_ln.gamma', 'encoder.embedding_ln.weight'),
+    ('encoder.embedding_ln.beta', 'encoder.embedding_ln.bias'),
     *[(f'encoder.blks.{{i}}.attention.{p}', f'encoder.blks.{{i}}.attention.{p}')
       for p in _ATTENTION],
     ('encoder.blks.{i}.addnorm1.ln.gamma', 'encoder.blks.{i}.addnorm1.ln.weight'),
@@ -78,6 +85,8 @@ JAX_TABLE: tuple[tuple[str, str, bool], ...] = (
     ('encoder.token_embedding.weight', 'encoder/token_embedding/embedding', False),
     ('encoder.segment_embedding.weight', 'encoder/segment_embedding/embedding', False),
     ('encoder.pos_embedding', 'encoder/pos_embedding', False),
+    ('encoder.embedding_ln.gamma', 'encoder/embedding_ln/scale', False),
+    ('encoder.embedding_ln.beta', 'encoder/embedding_ln/bias', False),
     *[(f'encoder.blks.{{i}}.attention.W_{x}.weight', f'encoder/blks/{{i}}/attention/W_{x}/kernel',
        True) for x in 'qkvo'],
     *[(f'encoder.blks.{{i}}.attention.W_{x}.bias', f'encoder/blks/{{i}}/attention/W_{x}/bias',
@@ -117,7 +126,12 @@ def _in_task(mx_name: str, task: str) -> bool:
     return True
 
 
-def _rows(table, num_blks: int, task: str):
+# The rows that exist only with one of BERTConfig's options.
+_EMBEDDING_NORM_ROWS = ('encoder.embedding_ln.gamma', 'encoder.embedding_ln.beta')
+_UNTIED_ROWS = ('mlm.mlp.2.weight',)
+
+
+def _rows(table, num_blks: int, task: str, embedding_norm: bool = False, tied: bool = False):
     """Concrete (mxnet, port, transposed) rows for a model with `num_blks` blocks."""
     if task not in TASKS:
         raise ValueError(f'task must be one of {TASKS}, got {task!r}')
@@ -125,6 +139,9 @@ def _rows(table, num_blks: int, task: str):
     for row in table:
         mx_pat, port_pat, transposed = (row + (False,))[:3]
         if not _in_task(mx_pat, task):
+            continue
+        if (mx_pat in _EMBEDDING_NORM_ROWS and not embedding_norm) or (
+                mx_pat in _UNTIED_ROWS and tied):
             continue
         for i in (range(num_blks) if '{i}' in mx_pat else [None]):
             rows.append((mx_pat.format(i=i), port_pat.format(i=i), transposed))
@@ -146,7 +163,7 @@ def mxnet_shapes(config: BERTConfig, task: str = 'pretrain') -> dict[str, tuple[
     in_block = {'ffn.dense1.weight': (F, H), 'ffn.dense1.bias': (F,),
                 'ffn.dense2.weight': (H, F), 'ffn.dense2.bias': (H,)}
     shapes = {}
-    for name, _, _ in _rows(TORCH_TABLE, c.num_blks, task):
+    for name, _, _ in _rows(TORCH_TABLE, c.num_blks, task, c.embedding_norm, c.tie_mlm_decoder):
         block_leaf = re.sub(r'^encoder\.blks\.\d+\.', '', name)
         if name in top:
             shapes[name] = top[name]
@@ -231,11 +248,30 @@ def _to_numpy(array) -> np.ndarray:
     return np.array(array)  # jax.Array and anything array-like: a host copy
 
 
-def _layout(names, config, task, block_re, classifier_prefix='output'):
+def _layout(names, config, task, block_re, classifier_prefix='output', decoder='mlm.mlp.2.'):
+    """(task, rows' options, expected shapes) from the config, or read off the names."""
     task = task or infer_task(names, classifier_prefix)
-    num_blks = config.num_blks if config is not None else _num_blks(names, block_re)
-    shapes = mxnet_shapes(config, task) if config is not None else None
-    return task, num_blks, shapes
+    if config is not None:
+        options = dict(num_blks=config.num_blks, embedding_norm=config.embedding_norm,
+                       tied=config.tie_mlm_decoder)
+        return task, options, mxnet_shapes(config, task)
+    sep = decoder[-1]
+    # an untied decoder has a weight; the tied one has only its bias
+    tied = (task == 'pretrain' and any(n.startswith(decoder) for n in names)
+            and not any(n.startswith(decoder) and not n.endswith(sep + 'bias') for n in names))
+    options = dict(num_blks=_num_blks(names, block_re), tied=tied,
+                   embedding_norm=any('embedding_ln' in n for n in names))
+    return task, options, None
+
+
+def _table_rows(table, task, options):
+    return _rows(table, options['num_blks'], task, options['embedding_norm'], options['tied'])
+
+
+def _book_only(options, port):
+    if options['embedding_norm'] or options['tied']:
+        raise ConversionError(f'{port} has the book\'s architecture only: no embedding '
+                              'LayerNorm and no tied MLM decoder')
 
 
 # -- PyTorch ports ----------------------------------------------------------------------------
@@ -252,8 +288,8 @@ def mxnet_to_torch(params: Mapping[str, Any], config: BERTConfig | None = None,
     `task` ('pretrain' or 'finetune') is inferred from the names unless given; with
     `config`, every shape is checked too.
     """
-    task, num_blks, shapes = _layout(params, config, task, r'^encoder\.blks\.(\d+)\.')
-    return _torch_state_dict(_convert(params, _rows(TORCH_TABLE, num_blks, task), forward=True,
+    task, options, shapes = _layout(params, config, task, r'^encoder\.blks\.(\d+)\.')
+    return _torch_state_dict(_convert(params, _table_rows(TORCH_TABLE, task, options), forward=True,
                                       direction='MXNet -> torch', task=task,
                                       expected_shapes=shapes))
 
@@ -261,8 +297,8 @@ def mxnet_to_torch(params: Mapping[str, Any], config: BERTConfig | None = None,
 def torch_to_mxnet(state_dict: Mapping[str, Any], config: BERTConfig | None = None,
                    task: str | None = None) -> dict[str, np.ndarray]:
     """A `ports.torch_bert` state dict -> MXNet names (numpy arrays)."""
-    task, num_blks, shapes = _layout(state_dict, config, task, r'^encoder\.blks\.(\d+)\.')
-    return _convert(state_dict, _rows(TORCH_TABLE, num_blks, task), forward=False,
+    task, options, shapes = _layout(state_dict, config, task, r'^encoder\.blks\.(\d+)\.')
+    return _convert(state_dict, _table_rows(TORCH_TABLE, task, options), forward=False,
                     direction='torch -> MXNet', task=task, expected_shapes=shapes)
 
 
@@ -273,8 +309,9 @@ def to_d2l_torch(params: Mapping[str, Any], config: BERTConfig | None = None,
 
     d2l.torch builds its layers lazily; `load_state_dict` materialises them from the shapes.
     """
-    task, num_blks, shapes = _layout(params, config, task, r'^encoder\.blks\.(\d+)\.')
-    return _torch_state_dict(_convert(params, _rows(D2L_TORCH_TABLE, num_blks, task),
+    task, options, shapes = _layout(params, config, task, r'^encoder\.blks\.(\d+)\.')
+    _book_only(options, 'd2l.torch')
+    return _torch_state_dict(_convert(params, _table_rows(D2L_TORCH_TABLE, task, options),
                                       forward=True, direction='MXNet -> d2l.torch', task=task,
                                       expected_shapes=shapes))
 
@@ -282,8 +319,10 @@ def to_d2l_torch(params: Mapping[str, Any], config: BERTConfig | None = None,
 def from_d2l_torch(state_dict: Mapping[str, Any], config: BERTConfig | None = None,
                    task: str | None = None) -> dict[str, np.ndarray]:
     """A `d2l.torch.BERTModel` state dict (e.g. the book's bert.small.torch) -> MXNet names."""
-    task, num_blks, shapes = _layout(state_dict, config, task, r'^encoder\.blks\.(\d+)\.')
-    return _convert(state_dict, _rows(D2L_TORCH_TABLE, num_blks, task), forward=False,
+    task, options, shapes = _layout(state_dict, config, task, r'^encoder\.blks\.(\d+)\.',
+                                    decoder='mlm.mlp.3.')
+    _book_only(options, 'd2l.torch')
+    return _convert(state_dict, _table_rows(D2L_TORCH_TABLE, task, options), forward=False,
                     direction='d2l.torch -> MXNet', task=task, expected_shapes=shapes)
 
 
@@ -317,8 +356,8 @@ def mxnet_to_jax(params: Mapping[str, Any], config: BERTConfig | None = None,
                  task: str | None = None) -> dict[str, Any]:
     """MXNet names -> nested params (numpy arrays) for `ports.jax_bert.BERTModel` /
     `BERTClassifier`; dense weights are transposed to (in, out)."""
-    task, num_blks, shapes = _layout(params, config, task, r'^encoder\.blks\.(\d+)\.')
-    return unflatten_jax(_convert(params, _rows(JAX_TABLE, num_blks, task), forward=True,
+    task, options, shapes = _layout(params, config, task, r'^encoder\.blks\.(\d+)\.')
+    return unflatten_jax(_convert(params, _table_rows(JAX_TABLE, task, options), forward=True,
                                   direction='MXNet -> JAX', task=task, expected_shapes=shapes))
 
 
@@ -326,8 +365,9 @@ def jax_to_mxnet(params: Mapping[str, Any], config: BERTConfig | None = None,
                  task: str | None = None) -> dict[str, np.ndarray]:
     """JAX params (nested, or flat with '/'-joined names) -> MXNet names (numpy arrays)."""
     flat = flatten_jax(params)
-    task, num_blks, shapes = _layout(flat, config, task, r'^encoder/blks/(\d+)/')
-    return _convert(flat, _rows(JAX_TABLE, num_blks, task), forward=False,
+    task, options, shapes = _layout(flat, config, task, r'^encoder/blks/(\d+)/',
+                                    decoder='mlm/mlp/2/')
+    return _convert(flat, _table_rows(JAX_TABLE, task, options), forward=False,
                     direction='JAX -> MXNet', task=task, expected_shapes=shapes)
 
 

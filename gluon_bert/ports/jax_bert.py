@@ -82,6 +82,8 @@ class Dense:
             Y = Y + params['bias']
         if self.activation == 'relu':
             return jax.nn.relu(Y)
+        if self.activation == 'gelu':
+            return jax.nn.gelu(Y, approximate=False)  # the erf form, as MXNet and BERT
         if self.activation == 'tanh':
             return jnp.tanh(Y)
         return Y
@@ -179,9 +181,10 @@ class PositionWiseFFN:
     """Two dense layers applied to every position: (B, L, H) -> (B, L, F) -> (B, L, H)."""
     ffn_num_hiddens: int
     ffn_num_outputs: int
+    activation: str = 'relu'
 
     def _layers(self):
-        return (Dense(self.ffn_num_hiddens, self.ffn_num_outputs, activation='relu'),
+        return (Dense(self.ffn_num_hiddens, self.ffn_num_outputs, activation=self.activation),
                 Dense(self.ffn_num_outputs, self.ffn_num_hiddens))
 
     def init(self, rng):
@@ -199,12 +202,14 @@ class AddNorm:
     """Residual connection followed by layer normalization: ln(dropout(Y) + X)."""
     norm_shape: int
     dropout: float
+    eps: float = 1e-5
 
     def init(self, rng):
-        return {'ln': LayerNorm(self.norm_shape).init(rng)}
+        return {'ln': LayerNorm(self.norm_shape, self.eps).init(rng)}
 
     def apply(self, params, X, Y, rng=None):
-        return LayerNorm(self.norm_shape).apply(params['ln'], Dropout(self.dropout).apply(Y, rng) + X)
+        return LayerNorm(self.norm_shape, self.eps).apply(
+            params['ln'], Dropout(self.dropout).apply(Y, rng) + X)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,12 +220,14 @@ class TransformerEncoderBlock:
     num_heads: int
     dropout: float
     use_bias: bool = False
+    activation: str = 'relu'
+    eps: float = 1e-5
 
     def _parts(self):
         return (MultiHeadAttention(self.num_hiddens, self.num_heads, self.dropout, self.use_bias),
-                AddNorm(self.num_hiddens, self.dropout),
-                PositionWiseFFN(self.ffn_num_hiddens, self.num_hiddens),
-                AddNorm(self.num_hiddens, self.dropout))
+                AddNorm(self.num_hiddens, self.dropout, self.eps),
+                PositionWiseFFN(self.ffn_num_hiddens, self.num_hiddens, self.activation),
+                AddNorm(self.num_hiddens, self.dropout, self.eps))
 
     def init(self, rng):
         keys = jax.random.split(rng, 4)
@@ -237,7 +244,8 @@ class TransformerEncoderBlock:
 
 @dataclasses.dataclass(frozen=True)
 class BERTEncoder:
-    """Token + segment + learnable positional embeddings, then `num_blks` encoder blocks."""
+    """Token + segment + learnable positional embeddings, then `num_blks` encoder blocks;
+    with `embedding_norm` (BERT), LayerNorm and dropout after the summed embeddings."""
     vocab_size: int
     num_hiddens: int
     ffn_num_hiddens: int
@@ -245,15 +253,20 @@ class BERTEncoder:
     num_blks: int
     dropout: float
     max_len: int = 1000
+    activation: str = 'relu'
+    embedding_norm: bool = False
+    eps: float = 1e-5
 
     def _blk(self):
         # BERT's attention projections have biases (use_bias=True), as in the book.
         return TransformerEncoderBlock(self.num_hiddens, self.ffn_num_hiddens, self.num_heads,
-                                       self.dropout, True)
+                                       self.dropout, True, self.activation, self.eps)
 
     def init(self, rng):
         k_tok, k_seg, k_pos, *k_blks = jax.random.split(rng, 3 + self.num_blks)
-        return {
+        extra = ({'embedding_ln': LayerNorm(self.num_hiddens, self.eps).init(None)}
+                 if self.embedding_norm else {})
+        return {**extra,
             'token_embedding': Embedding(self.vocab_size, self.num_hiddens).init(k_tok),
             'segment_embedding': Embedding(2, self.num_hiddens).init(k_seg),
             # Positional embeddings are learned in BERT; long enough for any allowed input.
@@ -266,6 +279,11 @@ class BERTEncoder:
              + Embedding(2, self.num_hiddens).apply(params['segment_embedding'], segments))
         # The first L rows of the positional table: (1, max_len, H) -> (1, L, H)
         X = X + params['pos_embedding'][:, :X.shape[1], :]  # (B, L, H)
+        if self.embedding_norm:
+            # a key of its own; the blocks' keys are split as the book's model splits them
+            r_emb = None if rng is None else jax.random.fold_in(rng, self.num_blks)
+            X = LayerNorm(self.num_hiddens, self.eps).apply(params['embedding_ln'], X)
+            X = Dropout(self.dropout).apply(X, r_emb)  # (B, L, H)
         for i, r in enumerate(_split(rng, self.num_blks)):
             X = self._blk().apply(params['blks'][str(i)], X, valid_lens, r)
         return X
@@ -273,27 +291,36 @@ class BERTEncoder:
 
 @dataclasses.dataclass(frozen=True)
 class MaskLM:
-    """Predicts the original tokens at `pred_positions` from the encoded sequence."""
+    """Predicts the original tokens at `pred_positions` from the encoded sequence; with
+    `tied` (BERT) the last layer is the token embedding (passed to `apply`) and a bias."""
     vocab_size: int
     num_hiddens: int
+    activation: str = 'relu'
+    eps: float = 1e-5
+    tied: bool = False
 
     def _layers(self):
-        return (Dense(self.num_hiddens, self.num_hiddens, activation='relu'),
-                LayerNorm(self.num_hiddens),
+        return (Dense(self.num_hiddens, self.num_hiddens, activation=self.activation),
+                LayerNorm(self.num_hiddens, self.eps),
                 Dense(self.vocab_size, self.num_hiddens))
 
     def init(self, rng):
         keys = jax.random.split(rng, 3)
-        return {'mlp': {str(i): layer.init(k)
-                        for i, (layer, k) in enumerate(zip(self._layers(), keys))}}
+        mlp = {str(i): layer.init(k) for i, (layer, k) in enumerate(zip(self._layers(), keys))}
+        if self.tied:
+            mlp['2'] = {'bias': jnp.zeros((self.vocab_size,), jnp.float32)}
+        return {'mlp': mlp}
 
-    def apply(self, params, X, pred_positions):
+    def apply(self, params, X, pred_positions, embedding=None):
         # The example index of every prediction: (B,) -> (B, 1), broadcast against (B, P)
         batch_idx = jnp.arange(X.shape[0])[:, None]
         Y = X[batch_idx, jnp.asarray(pred_positions, jnp.int32)]  # (B, P, H)
-        for i, layer in enumerate(self._layers()):
-            Y = layer.apply(params['mlp'][str(i)], Y)
-        return Y  # (B, P, V)
+        dense, ln, output = self._layers()
+        Y = ln.apply(params['mlp']['1'], dense.apply(params['mlp']['0'], Y))  # (B, P, H)
+        if self.tied:
+            # (B, P, H) @ (H, V) with the (V, H) embedding table transposed -> (B, P, V)
+            return Y @ embedding.T + params['mlp']['2']['bias']
+        return output.apply(params['mlp']['2'], Y)  # (B, P, V)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,11 +337,15 @@ class NextSentencePred:
 
 def _encoder(c: BERTConfig):
     return BERTEncoder(c.vocab_size, c.num_hiddens, c.ffn_num_hiddens, c.num_heads, c.num_blks,
-                       c.dropout, c.max_len)
+                       c.dropout, c.max_len, c.activation, c.embedding_norm, c.layer_norm_eps)
+
+
+def _mask_lm(c: BERTConfig):
+    return MaskLM(c.vocab_size, c.num_hiddens, c.activation, c.layer_norm_eps, c.tie_mlm_decoder)
 
 
 def _cls_hidden(c: BERTConfig, params, encoded_X):
-    """The book's pooled representation: hidden(encoded_X[:, 0, :])."""
+    """The book's pooled representation: hidden(encoded_X[:, 0, :]); BERT's pooler."""
     hidden = Dense(c.num_hiddens, c.num_hiddens, activation='tanh')
     return hidden.apply(params, encoded_X[:, 0, :])  # (B, L, H) -> (B, H) -> (B, H)
 
@@ -333,15 +364,15 @@ class BERTModel:
         k_enc, k_hid, k_mlm, k_nsp = jax.random.split(rng, 4)
         return {'encoder': _encoder(c).init(k_enc),
                 'hidden': Dense(c.num_hiddens, c.num_hiddens).init(k_hid),
-                'mlm': MaskLM(c.vocab_size, c.num_hiddens).init(k_mlm),
+                'mlm': _mask_lm(c).init(k_mlm),
                 'nsp': NextSentencePred(c.num_hiddens).init(k_nsp)}
 
     def apply(self, params, tokens, segments, valid_lens=None, pred_positions=None, rng=None):
         c = self.config
         encoded_X = _encoder(c).apply(params['encoder'], tokens, segments, valid_lens, rng)
+        embedding = params['encoder']['token_embedding']['embedding']
         mlm_Y_hat = (None if pred_positions is None else
-                     MaskLM(c.vocab_size, c.num_hiddens).apply(params['mlm'], encoded_X,
-                                                                pred_positions))
+                     _mask_lm(c).apply(params['mlm'], encoded_X, pred_positions, embedding))
         # The NSP classifier reads the hidden layer's output at <cls> (position 0).
         pooled = _cls_hidden(c, params['hidden'], encoded_X)
         nsp_Y_hat = NextSentencePred(c.num_hiddens).apply(params['nsp'], pooled)  # (B, 2)

@@ -21,10 +21,11 @@ from torch.nn import functional as F
 from ..config import BERTConfig
 
 __all__ = ['masked_softmax', 'Dense', 'MultiHeadAttention', 'PositionWiseFFN', 'AddNorm',
-           'TransformerEncoderBlock', 'BERTEncoder', 'MaskLM', 'NextSentencePred', 'BERTModel',
-           'BERTClassifier', 'pretrain_loss', 'finetune_loss', 'MXNetAdam']
+           'TransformerEncoderBlock', 'BERTEncoder', 'TiedOutput', 'MaskLM', 'NextSentencePred',
+           'BERTModel', 'BERTClassifier', 'pretrain_loss', 'finetune_loss', 'MXNetAdam']
 
-_ACTIVATIONS = {None: lambda x: x, 'relu': F.relu, 'tanh': torch.tanh}
+# gelu: the erf form (F.gelu's default), as MXNet's LeakyReLU(act_type='gelu') and BERT
+_ACTIVATIONS = {None: lambda x: x, 'relu': F.relu, 'tanh': torch.tanh, 'gelu': F.gelu}
 
 
 def masked_softmax(scores, valid_lens):
@@ -102,10 +103,10 @@ class MultiHeadAttention(nn.Module):
 class PositionWiseFFN(nn.Module):
     """Two dense layers applied to every position: (B, L, H) -> (B, L, F) -> (B, L, H)."""
 
-    def __init__(self, ffn_num_hiddens, ffn_num_outputs, num_inputs=None):
+    def __init__(self, ffn_num_hiddens, ffn_num_outputs, num_inputs=None, activation='relu'):
         super().__init__()
         num_inputs = ffn_num_outputs if num_inputs is None else num_inputs
-        self.dense1 = Dense(ffn_num_hiddens, num_inputs, activation='relu')
+        self.dense1 = Dense(ffn_num_hiddens, num_inputs, activation=activation)
         self.dense2 = Dense(ffn_num_outputs, ffn_num_hiddens)
 
     def forward(self, X):
@@ -115,10 +116,10 @@ class PositionWiseFFN(nn.Module):
 class AddNorm(nn.Module):
     """Residual connection followed by layer normalization: ln(dropout(Y) + X)."""
 
-    def __init__(self, norm_shape, dropout):
+    def __init__(self, norm_shape, dropout, eps=1e-5):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.ln = nn.LayerNorm(norm_shape, eps=1e-5)  # MXNet's LayerNorm epsilon
+        self.ln = nn.LayerNorm(norm_shape, eps=eps)  # MXNet's LayerNorm epsilon by default
 
     def forward(self, X, Y):
         return self.ln(self.dropout(Y) + X)
@@ -127,12 +128,13 @@ class AddNorm(nn.Module):
 class TransformerEncoderBlock(nn.Module):
     """Post-LN Transformer encoder block, as in the book and the BERT paper."""
 
-    def __init__(self, num_hiddens, ffn_num_hiddens, num_heads, dropout, use_bias=False):
+    def __init__(self, num_hiddens, ffn_num_hiddens, num_heads, dropout, use_bias=False,
+                 activation='relu', eps=1e-5):
         super().__init__()
         self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout, use_bias)
-        self.addnorm1 = AddNorm(num_hiddens, dropout)
-        self.ffn = PositionWiseFFN(ffn_num_hiddens, num_hiddens)
-        self.addnorm2 = AddNorm(num_hiddens, dropout)
+        self.addnorm1 = AddNorm(num_hiddens, dropout, eps)
+        self.ffn = PositionWiseFFN(ffn_num_hiddens, num_hiddens, activation=activation)
+        self.addnorm2 = AddNorm(num_hiddens, dropout, eps)
 
     def forward(self, X, valid_lens=None):
         Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))  # (B, L, H)
@@ -140,17 +142,23 @@ class TransformerEncoderBlock(nn.Module):
 
 
 class BERTEncoder(nn.Module):
-    """Token + segment + learnable positional embeddings, then `num_blks` encoder blocks."""
+    """Token + segment + learnable positional embeddings, then `num_blks` encoder blocks;
+    with `embedding_norm` (BERT), LayerNorm and dropout after the summed embeddings."""
 
     def __init__(self, vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks, dropout,
-                 max_len=1000):
+                 max_len=1000, activation='relu', embedding_norm=False, eps=1e-5):
         super().__init__()
         self.max_len = max_len
         self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
         self.segment_embedding = nn.Embedding(2, num_hiddens)
+        self.embedding_norm = embedding_norm
+        if embedding_norm:
+            self.embedding_ln = nn.LayerNorm(num_hiddens, eps=eps)
+            self.embedding_dropout = nn.Dropout(dropout)
         self.blks = nn.Sequential(*[
             # BERT's attention projections have biases (use_bias=True), as in the book.
-            TransformerEncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout, True)
+            TransformerEncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout, True,
+                                    activation, eps)
             for _ in range(num_blks)])
         # Positional embeddings are learned in BERT; long enough for any allowed input.
         self.pos_embedding = nn.Parameter(torch.empty(1, max_len, num_hiddens))
@@ -159,25 +167,43 @@ class BERTEncoder(nn.Module):
         X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, L, H)
         # The first L rows of the positional table: (1, max_len, H) -> (1, L, H)
         X = X + self.pos_embedding[:, :X.shape[1], :]                         # (B, L, H)
+        if self.embedding_norm:
+            X = self.embedding_dropout(self.embedding_ln(X))                  # (B, L, H)
         for blk in self.blks:
             X = blk(X, valid_lens)
         return X
 
 
-class MaskLM(nn.Module):
-    """Predicts the original tokens at `pred_positions` from the encoded sequence."""
+class TiedOutput(nn.Module):
+    """BERT's MLM decoder: the token embedding as weights (passed in) and its own bias."""
 
-    def __init__(self, vocab_size, num_hiddens):
+    def __init__(self, vocab_size):
         super().__init__()
-        self.mlp = nn.Sequential(Dense(num_hiddens, num_hiddens, activation='relu'),
-                                 nn.LayerNorm(num_hiddens, eps=1e-5),
-                                 Dense(vocab_size, num_hiddens))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
 
-    def forward(self, X, pred_positions):
+    def forward(self, X, weight):
+        return F.linear(X, weight, self.bias)  # (B, P, H) x (V, H) -> (B, P, V)
+
+
+class MaskLM(nn.Module):
+    """Predicts the original tokens at `pred_positions` from the encoded sequence; with
+    `tied` (BERT) the last layer reads the token embedding (`embedding_weight`)."""
+
+    def __init__(self, vocab_size, num_hiddens, activation='relu', eps=1e-5, tied=False):
+        super().__init__()
+        self.tied = tied
+        self.mlp = nn.Sequential(Dense(num_hiddens, num_hiddens, activation=activation),
+                                 nn.LayerNorm(num_hiddens, eps=eps),
+                                 TiedOutput(vocab_size) if tied else Dense(vocab_size, num_hiddens))
+
+    def forward(self, X, pred_positions, embedding_weight=None):
         # The example index of every prediction: (B,) -> (B, 1), broadcast against (B, P)
         batch_idx = torch.arange(X.shape[0], device=X.device).unsqueeze(-1)
         masked_X = X[batch_idx, pred_positions.long()]  # (B, P, H)
-        return self.mlp(masked_X)                        # (B, P, V)
+        Y = self.mlp[1](self.mlp[0](masked_X))          # (B, P, H)
+        if self.tied:
+            return self.mlp[2](Y, embedding_weight)     # (B, P, V)
+        return self.mlp[2](Y)                           # (B, P, V)
 
 
 class NextSentencePred(nn.Module):
@@ -192,8 +218,13 @@ class NextSentencePred(nn.Module):
 
 
 def cls_hidden(hidden, encoded_X):
-    """The book's pooled representation: hidden(encoded_X[:, 0, :])."""
+    """The book's pooled representation: hidden(encoded_X[:, 0, :]); BERT's pooler."""
     return hidden(encoded_X[:, 0, :])  # (B, L, H) -> (B, H) -> (B, H)
+
+
+def _encoder(c: BERTConfig) -> BERTEncoder:
+    return BERTEncoder(c.vocab_size, c.num_hiddens, c.ffn_num_hiddens, c.num_heads, c.num_blks,
+                       c.dropout, c.max_len, c.activation, c.embedding_norm, c.layer_norm_eps)
 
 
 def _xavier_(module):
@@ -223,16 +254,18 @@ class BERTModel(nn.Module):
     def __init__(self, config, *args, **kwargs):
         super().__init__()
         self.config = c = BERTConfig.from_args(config, *args, **kwargs)
-        self.encoder = BERTEncoder(c.vocab_size, c.num_hiddens, c.ffn_num_hiddens, c.num_heads,
-                                   c.num_blks, c.dropout, c.max_len)
+        self.encoder = _encoder(c)
+        # The book's `hidden` layer is BERT's pooler, its NSP head BERT's seq_relationship.
         self.hidden = Dense(c.num_hiddens, c.num_hiddens, activation='tanh')
-        self.mlm = MaskLM(c.vocab_size, c.num_hiddens)
+        self.mlm = MaskLM(c.vocab_size, c.num_hiddens, c.activation, c.layer_norm_eps,
+                          c.tie_mlm_decoder)
         self.nsp = NextSentencePred(c.num_hiddens)
         _xavier_(self)
 
     def forward(self, tokens, segments, valid_lens=None, pred_positions=None):
         encoded_X = self.encoder(tokens, segments, valid_lens)  # (B, L, H)
-        mlm_Y_hat = None if pred_positions is None else self.mlm(encoded_X, pred_positions)
+        mlm_Y_hat = None if pred_positions is None else self.mlm(
+            encoded_X, pred_positions, self.encoder.token_embedding.weight)
         # The NSP classifier reads the hidden layer's output at <cls> (position 0).
         nsp_Y_hat = self.nsp(cls_hidden(self.hidden, encoded_X))  # (B, 2)
         return encoded_X, mlm_Y_hat, nsp_Y_hat
