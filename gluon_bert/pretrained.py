@@ -4,16 +4,23 @@ loaders built on it: `load_pretrained` (the book's `load_pretrained_model`) and
 
 A name is, in this order:
     a folder      a run or checkpoint folder of this package (the newest complete
-                  `ckpt-*/`), or a folder in the book's layout: `vocab.json` (the
-                  idx_to_token list) + `pretrained.params`, directly or in one sub-folder
+                  `ckpt-*/`); a Hugging Face BERT folder (`config.json`, `vocab.txt`,
+                  `model.safetensors` or `pytorch_model.bin`); a GluonNLP BERT folder (one
+                  `.params` and one `.vocab`); or a folder in the book's layout:
+                  `vocab.json` (the idx_to_token list) + `pretrained.params`, directly or
+                  in one sub-folder
     a file        a `.zip` in the book's layout, unpacked once into the cache
-    a hub name    `bert.small`, `bert.base`: the book's MXNet zips, SHA-1 checked, cached
+    a hub name    `bert.small`, `bert.base`: the book's MXNet zips, SHA-1 checked, cached;
+                  `gluonnlp:bert_12_768_12_book_corpus_wiki_en_uncased` (GluonNLP's
+                  model zoo) and `hf:bert-base-uncased` (the Hugging Face hub), fetched
+                  by `data/bert_hub.py` through the same verified cache
 `pretrain`, `finetune --init`, `evaluate`, `predict` and `load_pretrained` all call it, so a
 name means the same thing everywhere.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 
@@ -65,11 +72,13 @@ def _extract_local_zip(path, cache_dir):
 class ModelSource:
     """Where the files of a named model are."""
     name: str                 # as given
-    kind: str                 # 'checkpoint' (a run of this package) or 'book' (its layout)
-    params: str               # the .params file
-    vocab: str                # vocab.json
+    kind: str                 # 'checkpoint' (a run of this package), 'book' (its layout),
+                              # 'hf' (a Hugging Face folder) or 'gluonnlp' (its model zoo)
+    params: str               # the .params file (hf: model.safetensors / pytorch_model.bin)
+    vocab: str                # vocab.json (hf: vocab.txt; gluonnlp: the .vocab)
     config: str | None        # config.json, where there is one
     task: str                 # 'pretrain' (a BERTModel) or 'finetune' (a BERTClassifier)
+    lower: bool = True        # hf, gluonnlp: whether the WordPiece tokenizer lower-cases
 
 
 def _book_layout(name, folder):
@@ -79,9 +88,46 @@ def _book_layout(name, folder):
                        config if os.path.isfile(config) else None, 'pretrain')
 
 
+def _hf_lower(folder, name):
+    """do_lower_case of tokenizer_config.json; else what the name says (`*cased` but not
+    `*uncased` keeps case); else lower-case, as BERT's tokenizer does by default."""
+    try:
+        with open(os.path.join(folder, 'tokenizer_config.json'), encoding='utf-8') as f:
+            value = json.load(f).get('do_lower_case')
+        if isinstance(value, bool):
+            return value
+    except (OSError, ValueError, AttributeError):
+        pass
+    base = os.path.basename(os.path.normpath(name)).lower()
+    return not (base.endswith('cased') and not base.endswith('uncased'))
+
+
+def _hf_layout(name, folder):
+    from .ports.hf_bert import WEIGHT_FILES
+    weights = next(os.path.join(folder, f) for f in WEIGHT_FILES
+                   if os.path.isfile(os.path.join(folder, f)))
+    return ModelSource(name, 'hf', weights, os.path.join(folder, 'vocab.txt'),
+                       os.path.join(folder, 'config.json'), 'pretrain', _hf_lower(folder, name))
+
+
+def _gluonnlp_layout(name, folder):
+    """A folder with exactly one .params and one .vocab (GluonNLP's cache holds such)."""
+    files = os.listdir(folder)
+    params = [f for f in files if f.endswith('.params')]
+    vocabs = [f for f in files if f.endswith('.vocab')]
+    if len(params) != 1 or len(vocabs) != 1:
+        return None
+    from .data.bert_hub import gluonnlp_lower
+    stem = vocabs[0][:-len('.vocab')].rsplit('-', 1)[0]
+    return ModelSource(name, 'gluonnlp', os.path.join(folder, params[0]),
+                       os.path.join(folder, vocabs[0]), None, 'pretrain', gluonnlp_lower(stem))
+
+
 def resolve(name_or_path, cache_dir=None) -> ModelSource:
     """The files a model name stands for (see the module's docstring for the order)."""
-    from .data.download import DATA_HUB, download_extract
+    from .data import bert_hub
+    from .data.download import DATA_HUB, DownloadError, download_extract
+    from .ports.hf_bert import is_hf_folder
     from .train.checkpoint import latest_checkpoint, read_state
     name = os.fspath(name_or_path)
     if os.path.isdir(name):
@@ -91,7 +137,23 @@ def resolve(name_or_path, cache_dir=None) -> ModelSource:
                                os.path.join(ckpt, 'vocab.json'),
                                os.path.join(ckpt, 'config.json'),
                                read_state(ckpt).get('task', 'pretrain'))
-        return _book_layout(name, name)
+        if is_hf_folder(name):
+            return _hf_layout(name, name)
+        return _gluonnlp_layout(name, name) or _book_layout(name, name)
+    if name.startswith(bert_hub.HF_PREFIX):
+        model = name[len(bert_hub.HF_PREFIX):]
+        try:
+            return _hf_layout(name, bert_hub.hf_folder(model, cache_dir))
+        except KeyError as err:
+            raise PretrainedError(str(err.args[0])) from None
+    if name.startswith(bert_hub.GLUONNLP_PREFIX):
+        model = name[len(bert_hub.GLUONNLP_PREFIX):]
+        try:
+            params, vocab = bert_hub.gluonnlp_files(model, cache_dir)
+        except KeyError as err:
+            raise PretrainedError(str(err.args[0])) from None
+        return ModelSource(name, 'gluonnlp', params, vocab, None, 'pretrain',
+                           bert_hub.gluonnlp_lower(bert_hub.GLUONNLP_MODELS[model][1]))
     if os.path.isfile(name):
         if not name.endswith('.zip'):
             raise PretrainedError(f'{name}: expected a .zip, a run folder or a folder in the '
@@ -100,7 +162,8 @@ def resolve(name_or_path, cache_dir=None) -> ModelSource:
     if name in DATA_HUB:
         return _book_layout(name, download_extract(name, cache_dir=cache_dir))
     raise PretrainedError(f'{name!r} is neither a run or model folder, a zip, nor a hub name '
-                          f'({", ".join(n for n in DATA_HUB if n.startswith("bert"))})')
+                          f'({", ".join(n for n in DATA_HUB if n.startswith("bert"))}, '
+                          'gluonnlp:<model zoo name>, hf:<hub name>)')
 
 
 def _find(folder, filename):
@@ -158,8 +221,55 @@ def _config_of(source: ModelSource, vocab, preset):
     return BERTConfig.from_preset(_preset_for(source.name, preset), vocab_size=len(vocab))
 
 
+def _load_real_bert(source: ModelSource, ctx, preset=None, dropout=None):
+    """(BERTModel, WordPieceVocab) of a Hugging Face or GluonNLP checkpoint."""
+    from .data.tokenization import WordPieceVocab
+    from .errors import ConfigError, DataError
+    from .ports import gluonnlp_bert, hf_bert
+    from .ports.convert import ConversionError, load_mxnet_file, load_mxnet_params, mxnet_params
+    try:
+        if source.kind == 'hf':
+            vocab = WordPieceVocab.from_vocab_txt(source.vocab, lower=source.lower)
+            config = hf_bert.read_config(source.config)
+            arrays = hf_bert.load_state_dict(source.params)
+        else:
+            vocab = WordPieceVocab.from_gluonnlp(source.vocab, lower=source.lower)
+            try:
+                arrays = load_mxnet_file(source.params)
+            except mx.base.MXNetError:
+                raise PretrainedError(f'{source.params}: not an MXNet parameter file') from None
+            if not gluonnlp_bert.is_gluonnlp_params(arrays):
+                raise PretrainedError(f'{source.params}: not a GluonNLP BERT (no '
+                                      'word_embed.0.weight / encoder.position_weight)')
+            stem = os.path.basename(source.params)
+            config = (BERTConfig.from_preset(preset, vocab_size=len(vocab)) if preset else
+                      gluonnlp_bert.infer_config(arrays, len(vocab), stem))
+        if dropout is not None:
+            config = config.replace(dropout=dropout)
+        if config.vocab_size != len(vocab):
+            raise PretrainedError(f'{source.vocab} has {len(vocab)} tokens, the model '
+                                  f'{config.vocab_size}')
+        net = BERTModel(config)
+        net.initialize(mx.init.Normal(0.02))  # BERT's initialiser, for heads a file lacks
+        fresh = mxnet_params(net)
+        convert = hf_bert.hf_to_mxnet if source.kind == 'hf' else gluonnlp_bert.gluonnlp_to_mxnet
+        load_mxnet_params(net, convert(arrays, config, source.params, fresh))
+    except (ConversionError, ConfigError, DataError) as err:
+        raise PretrainedError(str(err)) from None
+    if ctx is not None:
+        from .model import legacy_scope
+        with legacy_scope():
+            net.collect_params().reset_ctx(ctx)
+    return net, vocab
+
+
 def _load(source: ModelSource, net_cls, ctx, preset=None, dropout=None):
     from .data.vocab import Vocab
+    if source.kind in ('hf', 'gluonnlp'):
+        if net_cls is not BERTModel:
+            raise PretrainedError(f'{source.name} is a pretrained BERT, not a fine-tuning run '
+                                  'of gluon-bert (`gluon-bert finetune --init ...` makes one)')
+        return _load_real_bert(source, ctx, preset, dropout)
     vocab = Vocab.load(source.vocab)
     config = _config_of(source, vocab, preset)
     if dropout is not None:

@@ -8,6 +8,7 @@ from .download import (DATA_HUB, ArchiveError, ChecksumError, DownloadError, Hub
                        download, download_extract, register, sha1_file)
 from .snli import LABELS, SNLIBERTDataset, SNLIFormatError, load_data_snli, read_snli
 from .synthetic import sample_dir
+from .tokenization import WordPieceVocab
 from .vocab import RESERVED_TOKENS, MissingFileError, Vocab, tokenize
 from .wikitext import (Paragraphs, WikiTextDataset, get_mlm_data_from_tokens, get_next_sentence,
                        get_nsp_data_from_paragraph, get_tokens_and_segments, load_data_wiki,
@@ -17,6 +18,6 @@ __all__ = ['BatchLoader', 'PRETRAIN_KEYS', 'FINETUNE_KEYS', 'DATA_HUB', 'HubEntr
            'DownloadError', 'ChecksumError', 'ArchiveError', 'cache_dir', 'download',
            'download_extract', 'register', 'sha1_file', 'LABELS', 'read_snli', 'SNLIFormatError',
            'SNLIBERTDataset', 'load_data_snli', 'sample_dir', 'RESERVED_TOKENS', 'Vocab',
-           'tokenize', 'MissingFileError', 'read_wiki', 'Paragraphs', 'get_tokens_and_segments',
+           'WordPieceVocab', 'tokenize', 'MissingFileError', 'read_wiki', 'Paragraphs', 'get_tokens_and_segments',
            'get_next_sentence', 'get_nsp_data_from_paragraph', 'replace_mlm_tokens',
            'get_mlm_data_from_tokens', 'pad_bert_inputs', 'WikiTextDataset', 'load_data_wiki']

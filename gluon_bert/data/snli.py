@@ -12,6 +12,10 @@ padded with ``<pad>`` to ``max_len``; its arrays equal those of the book's
 a large chunk of pairs, encodes each distinct sentence once into one flat id
 array, then truncates, places and pads all its pairs with vectorised numpy,
 writing straight into shared output arrays (about 2-3 s on 2 cores).
+
+The tokenizer is the vocabulary's (`tokenization.py`): the book's whitespace split, or
+WordPiece for a real BERT's `WordPieceVocab`, which packs ``[CLS] p [SEP] h [SEP]`` and
+tokenizes each distinct word of the split once.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from .batching import BatchLoader
+from .tokenization import sentence_encoder, special_ids
 from .vocab import RESERVED_TOKENS, MissingFileError, Vocab
 
 __all__ = ['LABELS', 'read_snli', 'tokenize_like_snli', 'SNLIFormatError', 'SNLIBERTDataset',
@@ -250,72 +255,25 @@ def truncate_lengths(p_lens, h_lens, max_len: int, rule: str = 'longest_first'):
 # ---------------------------------------------------------------------------
 # Token ids, in worker processes
 
-class _Lookup(dict):
-    """token -> id with unknown tokens mapped to `unk` (dict lookup stays in C)."""
-    __slots__ = ('unk',)
-
-    def __missing__(self, key):
-        return self.unk
+_WORKER_ENCODER = None  # the vocabulary's sentence encoder, in each worker
 
 
-_WORKER_LOOKUP: _Lookup | None = None
+def _init_worker(encoder) -> None:
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = encoder
 
 
-def _init_worker(token_to_idx: dict, unk: int) -> None:
-    global _WORKER_LOOKUP
-    _WORKER_LOOKUP = _Lookup(token_to_idx)
-    _WORKER_LOOKUP.unk = unk
-
-
-_SENTINEL = '\x00'  # a token between sentences; not whitespace, so split() keeps it
-
-
-def _encode_sentences(sentences: Sequence[str], lookup: _Lookup):
-    """Lower-case and split each sentence -> (lengths int32, flat ids int32).
-
-    One ``lower().split()`` over all sentences joined by a sentinel token runs
-    in C; the sentinels' positions give the sentence lengths. This is the
-    book's ``tokenize([s.lower() for s in sentences])``, about 3x faster.
-    """
-    n = len(sentences)
-    if n == 0:
-        return np.zeros(0, np.int32), np.zeros(0, np.int32)
-    text = f' {_SENTINEL} '.join(sentences)
-    if text.count(_SENTINEL) != n - 1:  # a sentence contains the sentinel itself
-        return _encode_sentences_slow(sentences, lookup)
-    tokens = text.lower().split()
-    tokens.append(_SENTINEL)
-    lookup[_SENTINEL] = -1
-    try:
-        ids = np.fromiter(map(lookup.__getitem__, tokens), dtype=np.int32, count=len(tokens))
-    finally:
-        del lookup[_SENTINEL]
-    ends = np.flatnonzero(ids == -1)
-    lens = np.diff(ends, prepend=-1).astype(np.int32) - 1
-    return lens, ids[ids != -1]
-
-
-def _encode_sentences_slow(sentences: Sequence[str], lookup: _Lookup):
-    lens = np.empty(len(sentences), dtype=np.int32)
-    flat: list[str] = []
-    for i, s in enumerate(sentences):
-        toks = s.lower().split()
-        lens[i] = len(toks)
-        flat.extend(toks)
-    ids = np.fromiter(map(lookup.__getitem__, flat), dtype=np.int32, count=len(flat))
-    return lens, ids
-
-
-def _encode_side(sentences: Sequence[str], lookup: _Lookup):
+def _encode_side(sentences: Sequence[str], encoder):
     """-> (lengths, flat ids) of the distinct sentences, and each sentence's index among them.
 
     SNLI lists every premise with its three or so hypotheses, so encoding each
-    distinct sentence once saves most of the premise work.
+    distinct sentence once saves most of the premise work. `encoder` is the vocabulary's
+    tokenizer (`tokenization.sentence_encoder`): whitespace + lookup, or WordPiece.
     """
     index: dict[str, int] = {}
     inverse = np.fromiter((index.setdefault(s, len(index)) for s in sentences),
                           dtype=np.int32, count=len(sentences))
-    lens, ids = _encode_sentences(list(index), lookup)
+    lens, ids = encoder(list(index))
     return lens, ids, inverse
 
 
@@ -326,7 +284,7 @@ _FORK_INPUT: tuple | None = None
 
 def _encode_chunk(args):
     premises, hypotheses = args
-    return _encode_side(premises, _WORKER_LOOKUP), _encode_side(hypotheses, _WORKER_LOOKUP)
+    return _encode_side(premises, _WORKER_ENCODER), _encode_side(hypotheses, _WORKER_ENCODER)
 
 
 def _merge_sides(parts):
@@ -407,7 +365,9 @@ class SNLIBERTDataset:
 
     dataset: (premises, hypotheses, labels) as `read_snli` returns them.
     vocab: the pretrained BERT's vocabulary (built from the pairs with
-    min_freq=5 when None). truncation: 'longest_first' (book) or 'ratio'.
+    min_freq=5 when None); its kind is the tokenizer: the book's `Vocab` splits
+    lower-cased text on whitespace, a `WordPieceVocab` (real BERTs) runs WordPiece and
+    packs `[CLS] p [SEP] h [SEP]`. truncation: 'longest_first' (book) or 'ratio'.
     num_workers: worker processes (default: usable cores, at most 4; 0 or 1 runs
     in this process). start_method: multiprocessing start method ('fork' by
     default where available; env GLUON_BERT_MP_START).
@@ -426,9 +386,7 @@ class SNLIBERTDataset:
         if vocab is None:
             tokens = [s.lower().split() for s in list(premises) + list(hypotheses)]
             vocab = Vocab(tokens, min_freq=5, reserved_tokens=RESERVED_TOKENS)
-        for tok in ('<cls>', '<sep>', '<pad>'):
-            if tok not in vocab.token_to_idx:
-                raise ValueError(f'vocabulary lacks the special token {tok!r}')
+        special_ids(vocab)  # a vocabulary without <cls>/[CLS], ... is refused here
         self.vocab = vocab
         self.max_len = max_len
         self.truncation = truncation
@@ -444,19 +402,17 @@ class SNLIBERTDataset:
             raise ConfigError(f'max_len must be at least 3 (<cls> and two <sep>), got {L}')
         workers = _default_workers() if num_workers is None else int(num_workers)
         vocab = self.vocab
-        special = (vocab['<pad>'], vocab['<cls>'], vocab['<sep>'])
-        args = (L, self.truncation, special)
+        args = (L, self.truncation, special_ids(vocab))
+        encoder = sentence_encoder(vocab)
         if workers <= 1 or n < self.MIN_PAIRS_FOR_POOL:
-            lookup = _Lookup(vocab.token_to_idx)
-            lookup.unk = vocab.unk
-            parts = [(_encode_side(premises, lookup), _encode_side(hypotheses, lookup))]
+            parts = [(_encode_side(premises, encoder), _encode_side(hypotheses, encoder))]
             return self._pack_parts(parts, n, args)
         # A few chunks per worker balance the load.
         bounds = np.linspace(0, n, workers * 3 + 1).astype(int)
         ranges = [(int(s), int(e)) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
         method = _start_method(start_method)
         ctx = multiprocessing.get_context(method)
-        init = (_init_worker, (vocab.token_to_idx, vocab.unk))
+        init = (_init_worker, (encoder,))
         global _FORK_INPUT
         if method == 'fork':
             # Workers encode and pack their rows straight into shared memory.

@@ -129,7 +129,8 @@ class Vocab:
 
     @classmethod
     def load(cls, path: str) -> 'Vocab':
-        """Read a vocabulary saved by `save` or shipped in the book's checkpoints.
+        """Read a vocabulary saved by `save` or shipped in the book's checkpoints; a
+        `WordPieceVocab`'s vocab.json gives that kind back.
 
         A file that is missing, not UTF-8 or not a JSON list of distinct strings with
         ``'<unk>'`` raises a DataError naming it.
@@ -148,6 +149,10 @@ class Vocab:
         except json.JSONDecodeError as err:
             raise DataError(f'{path}, line {err.lineno}: not a JSON vocabulary '
                             f'({err.msg})') from None
+        if isinstance(tokens, dict) and tokens.get('kind') == 'wordpiece':
+            # a real BERT's vocabulary, saved with its tokenizer (data/tokenization.py)
+            from .tokenization import WordPieceVocab
+            return WordPieceVocab.from_dict(tokens, path)
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise DataError(f'{path}: a vocabulary must be a JSON list of strings')
         vocab = cls.__new__(cls)
