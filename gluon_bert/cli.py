@@ -8,6 +8,7 @@
     gluon-bert compare TASK         the same experiment in MXNet, PyTorch and JAX
     gluon-bert bench                time the training step: ours, the book's, PyTorch, JAX
     gluon-bert download NAME...     fetch WikiText-2, SNLI or a book checkpoint into the cache
+    gluon-bert launch -n N -- CMD   run CMD as a distributed job (KVStore or Horovod)
 """
 from __future__ import annotations
 
@@ -125,6 +126,20 @@ def build_parser():
     p.add_argument('--max-len', type=int, default=None)
     p.add_argument('--devices')
 
+    p = sub.add_parser('launch', help='run a training command as a distributed job',
+                       description='Start a scheduler, servers and workers (MXNet KVStore) or '
+                                   'Horovod ranks; when any process dies, stop them all.')
+    p.add_argument('-n', '--workers', type=int, required=True, help='number of workers')
+    p.add_argument('-s', '--servers', type=int, default=1, help='parameter servers (KVStore)')
+    p.add_argument('--launcher', choices=('local', 'ssh', 'horovod'), default='local',
+                   help='local: this machine; ssh: the hosts of --hostfile; horovod: '
+                        'horovodrun --gloo')
+    p.add_argument('--hostfile', help='one host (or host:N) per line')
+    p.add_argument('--timeout', type=float, help='stop the whole job after this many seconds')
+    p.add_argument('--port', type=int, help="the scheduler's port (default: a free one)")
+    p.add_argument('job', nargs=argparse.REMAINDER, metavar='-- COMMAND',
+                   help='gluon-bert pretrain|finetune --kvstore dist_sync ...')
+
     p = sub.add_parser('download', help='fetch data sets or checkpoints into the cache')
     p.add_argument('names', nargs='+', metavar='NAME',
                    help='wikitext-2, SNLI, bert.small, bert.base, bert.small.torch, ...')
@@ -160,7 +175,8 @@ def cmd_train(args, task):
     cfg = TrainConfig.for_task(task, **given)  # every setting checked before anything runs
     result = train(cfg, resume=args.resume, progress=False if args.no_progress else None,
                    given=given)
-    _print_summary({k: v for k, v in result.items() if k != 'history'})
+    if result.get('rank', 0) == 0:  # one summary for a distributed job
+        _print_summary({k: v for k, v in result.items() if k != 'history'})
 
 
 def cmd_reproduce(args):
@@ -239,6 +255,12 @@ def cmd_download(args):
         print(f'{name}\t{fetch(name, cache_dir=args.cache_dir)}')
 
 
+def cmd_launch(args):
+    from .launch import launch
+    return launch(args.job, args.workers, args.servers, launcher=args.launcher,
+                  hostfile=args.hostfile, timeout=args.timeout, port=args.port)
+
+
 def _use_every_core():
     """MXNet's CPU operators start one OpenMP thread per physical core (one on a 2-vCPU
     machine) where PyTorch and JAX use every core; measured here, every core makes our
@@ -247,7 +269,30 @@ def _use_every_core():
     os.environ.setdefault('OMP_NUM_THREADS', str(os.cpu_count() or 1))
 
 
+def _in_distributed_job() -> bool:
+    return os.environ.get('DMLC_ROLE') == 'worker' or 'HOROVOD_RANK' in os.environ
+
+
 def main(argv=None):
+    """`gluon-bert`; returns the exit code. A worker of a distributed job that fails exits
+    at once: a normal exit would wait for the other workers at the KVStore's final barrier,
+    and the launcher could not see it fail."""
+    if not _in_distributed_job():
+        return _main(argv)
+    try:
+        code = _main(argv)
+    except BaseException:  # a bug: its traceback, then out
+        import traceback
+        traceback.print_exc()
+        code = 1
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv=None):
     _use_every_core()
     args = build_parser().parse_args(argv)
     from .errors import GluonBertError
@@ -268,6 +313,8 @@ def main(argv=None):
             cmd_predict(args)
         elif args.command == 'download':
             cmd_download(args)
+        elif args.command == 'launch':
+            return cmd_launch(args)
     except TrainingInterrupted as stop:
         print(f'gluon-bert {args.command}: {signal.Signals(stop.signum).name}: stopped; '
               f'state saved in {stop.checkpoint} (continue with --resume)', file=sys.stderr)

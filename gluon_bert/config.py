@@ -168,8 +168,9 @@ TASKS = ('pretrain', 'finetune')
 FRAMEWORKS = ('mxnet', 'torch', 'jax')
 SCHEDULES = ('constant', 'linear', 'cosine')
 # 'device' reduces gradients on the GPUs, 'local' on the CPU, 'none' not at all (one
-# device); the dist_* ones are MXNet's parameter server across processes and machines.
-KVSTORES = ('device', 'local', 'none', 'dist_sync', 'dist_device_sync', 'dist_async')
+# device); the dist_* ones are MXNet's parameter server across processes and machines,
+# 'horovod' is Horovod's allreduce (both under `gluon-bert launch`).
+KVSTORES = ('device', 'local', 'none', 'dist_sync', 'dist_device_sync', 'dist_async', 'horovod')
 # What a resumed run may change: its length, how often it logs and checkpoints, and where
 # it runs (losses are normalised by the global batch, so the devices do not change the
 # result). Everything else is the checkpoint's.
@@ -243,6 +244,14 @@ class TrainConfig:
             raise bad('kvstore', 'one of ' + ', '.join(KVSTORES))
         if self.framework not in FRAMEWORKS:
             raise bad('framework', 'one of ' + ', '.join(FRAMEWORKS))
+        if self.kvstore == 'dist_async':
+            raise ConfigError('--kvstore dist_async applies updates on the servers, where '
+                              'this package cannot clip gradients or save the optimizer state '
+                              'by parameter name for an exact resume: use dist_sync')
+        if self.framework != 'mxnet' and self.kvstore in ('dist_sync', 'dist_device_sync',
+                                                          'horovod'):
+            raise ConfigError(f'--kvstore {self.kvstore} trains MXNet across processes; the '
+                              f'{self.framework} port trains in one process')
         if self.framework != 'mxnet' and self.devices not in (None, '', 'auto'):
             raise ConfigError(f'--devices {self.devices} is for MXNet; the {self.framework} '
                               'port trains on one device (the first GPU, else the CPU): '

@@ -7,6 +7,8 @@ FAULT is `none`, or `<where>@<n>`, acting at the n-th time the run reaches <wher
     sigint-eval@n    two SIGINTs to itself at the start of the n-th evaluation
     sigint-save@n    two SIGINTs to itself while the n-th checkpoint is being written
 The fault hooks wrap the package's own functions; nothing in the package knows of them.
+With GLUON_BERT_TEST_DUMP=DIR, every MXNet worker also writes the last parameters it
+checkpointed to DIR/rank-<rank>.npz (so a test can compare the workers of a job).
 """
 from __future__ import annotations
 
@@ -59,15 +61,30 @@ def install(fault: str) -> None:
     elif where == 'sigint-eval':
         tick = _at(int(n), _two_sigints)
         for cls in (runners.MXNetRunner, runners.TorchRunner, runners.JaxRunner):
-            def accuracy(self, loader, _original=cls.accuracy):
+            def evaluate(self, loader, _original=cls.evaluate):
                 tick()
                 return _original(self, loader)
-            cls.accuracy = accuracy
+            cls.evaluate = evaluate
     else:
         raise SystemExit(f'unknown fault {fault!r}')
 
 
+def dump_params(folder: str) -> None:
+    import numpy as np
+    from gluon_bert.train import runners
+    original = runners.MXNetRunner.params
+
+    def params(self):
+        values = original(self)
+        os.makedirs(folder, exist_ok=True)
+        np.savez(os.path.join(folder, f'rank-{self.placement.rank}.npz'), **values)
+        return values
+    runners.MXNetRunner.params = params
+
+
 if __name__ == '__main__':
     install(sys.argv[1])
+    if os.environ.get('GLUON_BERT_TEST_DUMP'):
+        dump_params(os.environ['GLUON_BERT_TEST_DUMP'])
     from gluon_bert.cli import main
     sys.exit(main(sys.argv[2:]))

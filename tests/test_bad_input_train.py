@@ -40,6 +40,8 @@ def one_error_line(capsys, command, alone=True):
     (['--train-limit', '-1'], 'train_limit must be a non-negative integer'),
     (['--log-interval', '0'], 'log_interval must be a positive integer'),
     (['--kvstore', 'nccl2'], 'kvstore must be one of device, local, none, dist_sync'),
+    (['--kvstore', 'dist_async'], 'use dist_sync'),
+    (['--framework', 'jax', '--kvstore', 'dist_sync'], 'the jax port trains in one process'),
     (['--kvstore', 'dist_sync'], 'needs the DMLC_* environment of a distributed launcher'),
     (['--devices', 'tpu(0)'], "cannot read device 'tpu(0)'"),
     (['--devices', 'cpu(0),cpu(1)', '--kvstore', 'none'], 'cannot reduce gradients across 2'),

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from .loop import train
 from .step import split_batch
 
-__all__ = ['finetune', 'evaluate_accuracy',
+__all__ = ['finetune', 'evaluate_accuracy', 'count_correct',
            'load_finetuning_data']
 
 
@@ -46,17 +46,25 @@ def load_finetuning_data(cfg: TrainConfig, vocab):
                         pad_to=cfg.pad_to, seed=cfg.seed))
 
 
-def evaluate_accuracy(net, loader, contexts):
-    """Share of correctly classified examples; one read-back at the end."""
+def count_correct(net, loader, contexts, rank=0, num_workers=1):
+    """(correctly classified, examples) of this worker's slice of every batch; one
+    read-back at the end."""
     correct, total = [], 0
     loader.set_epoch(0)
     for batch in loader:
         for tokens, segments, valid_lens, labels in split_batch(
-                batch, ('tokens', 'segments', 'valid_lens', 'labels'), contexts):
+                batch, ('tokens', 'segments', 'valid_lens', 'labels'), contexts, rank,
+                num_workers, skip_empty=True):
             pred = net(tokens, segments, valid_lens).argmax(axis=-1)
             correct.append((pred == labels.astype('float32')).sum().as_in_context(contexts[0]))
-        total += len(batch['labels'])
-    return float(mx.nd.add_n(*correct).asscalar()) / max(total, 1)
+            total += labels.shape[0]
+    return (float(mx.nd.add_n(*correct).asscalar()) if correct else 0.0), total
+
+
+def evaluate_accuracy(net, loader, contexts):
+    """Share of correctly classified examples."""
+    correct, total = count_correct(net, loader, contexts)
+    return correct / max(total, 1)
 
 
 def finetune(cfg: TrainConfig, resume: bool = False, progress: bool | None = None,

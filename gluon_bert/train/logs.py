@@ -44,14 +44,17 @@ class RunLog:
     checkpoints (so a resumed run's plot covers the whole run).
     """
 
-    def __init__(self, run_dir, history=None):
+    def __init__(self, run_dir, history=None, write=True):
+        self.enabled = write  # False on the workers of a job other than rank 0
         self.path = os.path.join(run_dir, 'metrics.jsonl')
         self.history = list(history or [])
         self.log = get_logger()
         # A resumed run rewrites the file from its checkpoint's history, so that lines
         # logged after the last checkpoint (and then lost) do not appear twice; a fresh
         # run starts it with its first row (a failed start leaves no empty file).
-        if self.history:
+        if not self.enabled:
+            pass
+        elif self.history:
             tmp = self.path + '.tmp'
             with open(tmp, 'w', encoding='utf-8') as f:
                 for row in self.history:
@@ -64,8 +67,9 @@ class RunLog:
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
         line = json.dumps(row, sort_keys=True, allow_nan=False)  # NaN is not JSON
         self.history.append(row)
-        with open(self.path, 'a', encoding='utf-8') as f:
-            f.write(line + '\n')
+        if self.enabled:
+            with open(self.path, 'a', encoding='utf-8') as f:
+                f.write(line + '\n')
         self.log.info(' '.join(f'{k} {v}' for k, v in row.items()))
 
 

@@ -19,8 +19,11 @@ It runs over the runner interface (`train.runners`), so each guarantee is writte
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import signal
 from typing import Any, Mapping
 
 from ..config import BERTConfig, TrainConfig
@@ -28,6 +31,7 @@ from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from .checkpoint import (latest_checkpoint, load_config, load_optimizer_state, load_params,
                          read_state, save_checkpoint)
 from .common import StopSignals, Throughput, TrainingInterrupted
+from .devices import DISTRIBUTED, Placement, place
 from .logs import RunLog, get_logger, plot_history, progress_bar
 from .runfolder import RunFolder
 from .schedule import learning_rate
@@ -48,11 +52,15 @@ def run_average(history, key):
 class Window:
     """The steps since the last logged row: metrics still on the device (`pending`), then,
     once read back, one dict of floats per step (`rows`, with the batch size 'n'). The rows
-    are saved in checkpoints, so a row cut by an interruption is completed exactly."""
+    are saved in checkpoints, so a row cut by an interruption is completed exactly.
 
-    def __init__(self, rows=()):
+    In a job of several workers each worker's metrics are its part of the global batch's
+    (losses are normalised by the global batch); `reduce` sums them over the workers."""
+
+    def __init__(self, rows=(), reduce=None):
         self.rows = [dict(r) for r in rows]
         self.pending = []
+        self.reduce = reduce
 
     def add(self, metrics, n):
         self.pending.append((metrics, n))
@@ -61,6 +69,10 @@ class Window:
         """Every step's metrics as floats (one read-back of the pending ones)."""
         if self.pending:
             values = runner.read_metrics([m for m, _ in self.pending])
+            if self.reduce is not None:
+                keys = list(values[0])
+                table = self.reduce([[v[k] for k in keys] for v in values])  # (steps, metrics)
+                values = [dict(zip(keys, map(float, row))) for row in table]
             self.rows += [dict(v, n=n) for v, (_, n) in zip(values, self.pending)]
             self.pending = []
         return self.rows
@@ -166,18 +178,35 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None,
     `stop_after` ends the run after that many updates of this call, as an interruption
     would (tests use it)."""
     _check_devices(cfg)  # before the folder is touched or any data read
-    with RunFolder(cfg.out_dir):
-        return _train(cfg, resume, progress, stop_after, given, start)
+    placement = None
+    if cfg.framework == 'mxnet' and cfg.kvstore in DISTRIBUTED:
+        # joins the job (its scheduler) now: the rank decides who writes the run folder
+        placement = place(cfg.devices, cfg.kvstore)
+    chief = placement is None or placement.is_chief
+    # only rank 0 writes the run folder (checkpoints, metrics, plots), so only it locks it
+    with RunFolder(cfg.out_dir) if chief else contextlib.nullcontext():
+        return _train(cfg, placement, resume, progress, stop_after, given, start)
 
 
-def _train(cfg, resume, progress, stop_after, given, start):
+def _train(cfg, placement, resume, progress, stop_after, given, start):
     from ..data.vocab import Vocab
     from .runners import make_runner
 
     # setup: the resume point, the model's weights and optimizer state, the data
     ckpt, state, cfg, changes = _resume_point(cfg, resume, given)
     _check_devices(cfg)
+    if cfg.framework == 'mxnet':
+        if placement is None:  # one process: the run's own devices, known once resumed
+            placement = place(cfg.devices, cfg.kvstore)
+        elif placement.kind != cfg.kvstore:
+            raise ConfigError(f'the run was trained with --kvstore {cfg.kvstore}; resume it '
+                              f'with the same')
+    else:
+        placement = Placement([], kind='none')
+    chief, distributed = placement.is_chief, placement.distributed
     log = get_logger()
+    if not chief:
+        log.setLevel(logging.WARNING)  # one voice: rank 0 logs the job
     if ckpt is not None:
         config, vocab = load_config(ckpt), Vocab.load(os.path.join(ckpt, 'vocab.json'))
         config.check_max_len(cfg.max_len)
@@ -192,7 +221,7 @@ def _train(cfg, resume, progress, stop_after, given, start):
         config, params, vocab, loaders = start or initial_state(cfg)
         optimizer_state = None
     train_loader, eval_loader = loaders
-    extra = dict(devices=cfg.devices, kvstore=cfg.kvstore) if cfg.framework == 'mxnet' else {}
+    extra = dict(placement=placement) if cfg.framework == 'mxnet' else {}
     runner = make_runner(cfg.framework, config, params, task=cfg.task, lr=cfg.lr,
                          seed=cfg.seed, clip_norm=cfg.clip_norm, **extra)
     if optimizer_state:
@@ -208,11 +237,18 @@ def _train(cfg, resume, progress, stop_after, given, start):
         resumes.append(dict(step=step, changes=changes))
         note = f' with {changes}' if changes else ''
         log.info(f'resuming {ckpt} at step {step}{note}')
-    window = Window(state.get('window', []) if state else [])
-    run_log = RunLog(cfg.out_dir, history)
+    window = Window(state.get('window', []) if state else [],
+                    reduce=placement.allreduce if distributed else None)
+    run_log = RunLog(cfg.out_dir, history, write=chief)
     devices = [str(c) for c in getattr(runner, 'contexts', [])] or [runner.name]
-    log.info(f'{cfg.task} {config.preset or "BERT"} [{runner.name}] on {",".join(devices)}: '
-             f'{train_loader.num_examples} examples, batch {cfg.batch_size}, lr {cfg.lr}, '
+    where = ','.join(devices)
+    batch_note = f'batch {cfg.batch_size}'
+    if distributed:
+        where += f' x {placement.num_workers} workers ({placement.kind})'
+        batch_note = (f'global batch {cfg.batch_size} ({cfg.batch_size / placement.num_workers:g} '
+                      f'per worker), lr {cfg.lr} for the global batch')
+    log.info(f'{cfg.task} {config.preset or "BERT"} [{runner.name}] on {where}: '
+             f'{train_loader.num_examples} examples, {batch_note}, lr {cfg.lr}, '
              f'{steps_per_epoch} batches/epoch, steps {step}->{total}')
     if step >= total:
         log.info(f'the run is already complete at step {step}; pass a larger '
@@ -226,6 +262,8 @@ def _train(cfg, resume, progress, stop_after, given, start):
         bad += [name for name, a in params.items() if not _finite_array(a)]
         if bad:
             _diverged(cfg, at_step, bad)
+        if not chief:
+            return None
         return save_checkpoint(cfg.out_dir, at_step, params, config, vocab,
                                dict(task=cfg.task, framework=runner.name,
                                     train_config=cfg.to_dict(), history=run_log.history,
@@ -233,12 +271,22 @@ def _train(cfg, resume, progress, stop_after, given, start):
                                runner.optimizer_state())
 
     meter = Throughput()
-    bar = progress_bar(total, step, f'{cfg.task} [{runner.name}]', progress)
+    bar = progress_bar(total, step, f'{cfg.task} [{runner.name}]', progress if chief else False)
     first, saved_at = step, step if ckpt is not None else None
     orders = {}  # epoch -> batch order: a pure function of (seed, epoch)
+    stop = False  # a signal, once every worker knows of it
+
+    def agree(signals):
+        """Whether to stop: at once in one process; in a job, where the workers already
+        meet (log rows, checkpoints), so that they all stop after the same step."""
+        if not distributed:
+            return signals.received is not None
+        return bool(placement.allreduce([signals.received is not None])[0])
+
     with StopSignals() as signals:
         while step < total:
-            if signals.received or (stop_after is not None and step - first >= stop_after):
+            stop = stop or (not distributed and agree(signals))
+            if stop or (stop_after is not None and step - first >= stop_after):
                 break
             # batch
             epoch, index = divmod(step, steps_per_epoch)
@@ -267,11 +315,14 @@ def _train(cfg, resume, progress, stop_after, given, start):
                 if _not_finite(row):
                     _diverged(cfg, step, [f'{k} loss' for k in _not_finite(row)])
                 if not pretraining and end_of_epoch:
-                    row['eval_acc'] = runner.accuracy(eval_loader)
+                    correct, seen = placement.allreduce(runner.evaluate(eval_loader)) \
+                        if distributed else runner.evaluate(eval_loader)
+                    row['eval_acc'] = correct / max(seen, 1)
                 run_log.write(row)
                 window.clear()
                 bar.set_postfix({k: f'{v:.3f}' for k, v in row.items()
                                  if k.startswith(('train_', 'eval_'))})
+                stop = stop or (distributed and agree(signals))
                 meter.start()
             # checkpoint
             if ((cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)
@@ -279,16 +330,19 @@ def _train(cfg, resume, progress, stop_after, given, start):
                 meter.stop()
                 checkpoint(step)
                 saved_at = step
+                stop = stop or (distributed and agree(signals))
                 meter.start()
         # the end, a signal or stop_after: save where the run stands
         bar.close()
         final = checkpoint(step) if saved_at != step else latest_checkpoint(cfg.out_dir)
-    if signals.received:
-        raise TrainingInterrupted(final, signals.received)
+    if stop:
+        raise TrainingInterrupted(final, signals.received or signal.SIGINT)
 
     # report: a plot and a summary of the whole run
     history = run_log.history
-    if pretraining:
+    if not chief:
+        plot = None
+    elif pretraining:
         plot = plot_history(history, os.path.join(cfg.out_dir, 'loss.png'), 'step',
                             {'MLM loss': ['train_mlm'], 'NSP loss': ['train_nsp']},
                             title=f'BERT pretraining ({config.preset}, {runner.name})')
@@ -299,7 +353,8 @@ def _train(cfg, resume, progress, stop_after, given, start):
     last = history[-1] if history else {}
     rate_key = 'pairs_per_sec' if pretraining else 'examples_per_sec'
     rate = meter.rate if meter.seconds else last.get(rate_key)
-    summary = dict(framework=runner.name, checkpoint=final, step=step, plot=plot,
+    summary = dict(framework=runner.name, checkpoint=final if chief else None, step=step,
+                   plot=plot, rank=placement.rank, workers=placement.num_workers,
                    examples_per_sec=rate, devices=devices,
                    **{k: v for k, v in last.items() if k.startswith(('train_', 'eval_'))})
     if pretraining:

@@ -110,14 +110,14 @@ class _Runner:
         """Metrics of many steps -> floats, in one read-back where the framework allows."""
         return [metrics_to_floats(m) for m in pending]
 
-    def accuracy(self, loader) -> float:
-        """Share of correctly classified examples over a loader (fine-tuning)."""
+    def evaluate(self, loader) -> tuple[float, int]:
+        """(correctly classified, examples) over a loader (fine-tuning)."""
         correct = total = 0
         loader.set_epoch(0)
         for batch in loader:
             correct += int((self.predict(batch).argmax(-1) == batch['labels']).sum())
             total += len(batch['labels'])
-        return correct / max(total, 1)
+        return float(correct), total
 
 
 # -- MXNet -------------------------------------------------------------------------------------
@@ -125,29 +125,34 @@ class _Runner:
 class MXNetRunner(_Runner):
     """This package's hybridized model and step (`train.step`) behind the runner interface.
 
-    `devices` is a device list as `--devices` takes it; several devices reduce gradients
-    through the KVStore that `train.devices.make_kvstore` chooses (`kvstore`)."""
+    `devices` and `kvstore` are `--devices` and `--kvstore`, or `placement` (a
+    `train.devices.Placement`) says where this process trains: its devices, the KVStore that
+    reduces gradients across them and across workers, and its slice of every batch."""
     name = 'mxnet'
 
     def __init__(self, config: BERTConfig, params, task='pretrain', lr=1e-3, seed=0,
-                 devices=None, clip_norm=None, kvstore='device'):
+                 devices=None, clip_norm=None, kvstore='device', placement=None):
         import mxnet as mx
         from ..model import BERTClassifier, BERTModel
-        from .devices import make_kvstore, parse_contexts
+        from .devices import place
         from .step import FinetuneStep, PretrainStep, make_trainer
         _check_task(task)
         self._mx = mx
         self.config, self.task, self.seed = config, task, seed
         self._steps = 0
-        self.contexts = parse_contexts(devices)
-        self.kvstore = make_kvstore(kvstore, self.contexts)
+        self.placement = placement or place(devices, kvstore)
+        self.contexts = self.placement.contexts
         self.net = BERTModel(config) if task == 'pretrain' else BERTClassifier(config)
         self.net.initialize(ctx=mx.cpu())
         _load_params(self.net, params, self.contexts)
         self.net.hybridize(static_alloc=True, static_shape=True)
-        self.trainer = make_trainer(self.net.collect_params(), lr, self.kvstore)
+        if self.placement.kind == 'horovod':
+            self.trainer = _horovod_trainer(self.net, lr)
+        else:
+            self.trainer = make_trainer(self.net.collect_params(), lr, self.placement.kvstore)
         step_cls = PretrainStep if task == 'pretrain' else FinetuneStep
-        self.step = step_cls(self.net, self.trainer, self.contexts, clip_norm)
+        self.step = step_cls(self.net, self.trainer, self.contexts, clip_norm,
+                             self.placement.rank, self.placement.num_workers)
         # the trainer's parameter index -> the stable name (optimizer state is keyed by it)
         by_id = {id(p): n for n, p in self.net._collect_params_with_prefix().items()}
         self._names = {i: by_id[id(p)] for i, p in enumerate(self.trainer._params)}
@@ -185,9 +190,10 @@ class MXNetRunner(_Runner):
         _, mlm, nsp = self.net(*args)
         return (None if mlm is None else mlm.asnumpy()), nsp.asnumpy()
 
-    def accuracy(self, loader) -> float:
-        from .finetune import evaluate_accuracy  # every device, one read-back
-        return evaluate_accuracy(self.net, loader, self.contexts)
+    def evaluate(self, loader):
+        from .finetune import count_correct  # this worker's devices, one read-back
+        return count_correct(self.net, loader, self.contexts, self.placement.rank,
+                             self.placement.num_workers)
 
     def params(self):
         return {k: p.data(self.contexts[0]).asnumpy()
@@ -232,6 +238,19 @@ class MXNetRunner(_Runner):
 
     def sync(self):
         self._mx.nd.waitall()
+
+
+def _horovod_trainer(net, lr):
+    """Horovod's allreduce in place of the KVStore: every rank starts from rank 0's weights.
+    Horovod averages gradients over ranks (it divides the Trainer's scale by their number);
+    this package's losses are already normalised by the global batch, so the scale is put
+    back and the reduced gradient is the sum, as with the KVStore."""
+    import horovod.mxnet as hvd
+    params = net.collect_params()
+    hvd.broadcast_parameters(params, root_rank=0)
+    trainer = hvd.DistributedTrainer(params, 'adam', {'learning_rate': lr})
+    trainer._scale *= hvd.size()
+    return trainer
 
 
 def _load_params(net, params, contexts):

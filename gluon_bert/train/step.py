@@ -19,16 +19,24 @@ __all__ = ['split_batch', 'mlm_loss', 'nsp_loss', 'PretrainStep', 'FinetuneStep'
            'make_trainer']
 
 
-def split_batch(batch: dict[str, onp.ndarray], keys, contexts):
-    """{key: (B, ...) numpy} -> one tuple of NDArrays per context (even split along B)."""
+def split_batch(batch: dict[str, onp.ndarray], keys, contexts, rank: int = 0,
+                num_workers: int = 1, skip_empty: bool = False):
+    """{key: (B, ...) numpy} -> one tuple of NDArrays per context of this worker.
+
+    The global batch is cut into num_workers * len(contexts) contiguous, even parts; worker
+    `rank` takes parts rank * len(contexts) ... and puts one on each of its contexts.
+    `skip_empty` (evaluation) drops the parts of a batch too small for every device."""
     n = len(contexts)
+    parts = n * num_workers
     B = len(batch[keys[0]])
-    if B < n:
-        raise ValueError(f'batch of {B} cannot be split across {n} devices')
+    if B < parts and not skip_empty:
+        raise ValueError(f'batch of {B} cannot be split across {parts} devices')
+    bounds = onp.linspace(0, B, parts + 1).astype(int)
     shards = []
-    bounds = onp.linspace(0, B, n + 1).astype(int)
     for i, ctx in enumerate(contexts):
-        lo, hi = bounds[i], bounds[i + 1]
+        lo, hi = bounds[rank * n + i], bounds[rank * n + i + 1]
+        if hi == lo:
+            continue
         shards.append(tuple(mx.nd.array(batch[k][lo:hi], ctx=ctx, dtype=batch[k].dtype)
                             for k in keys))
     return shards
@@ -62,11 +70,12 @@ def make_trainer(params, lr, kvstore, optimizer='adam', weight_decay=0.0):
 class _Step:
     keys: tuple = ()
 
-    def __init__(self, net, trainer, contexts, clip_norm=None):
+    def __init__(self, net, trainer, contexts, clip_norm=None, rank=0, num_workers=1):
         self.net = net
         self.trainer = trainer
         self.contexts = list(contexts)
         self.clip_norm = clip_norm
+        self.rank, self.num_workers = rank, num_workers  # this worker's slice of each batch
         self.params = [p for p in trainer._params if p.grad_req != 'null']
 
     def _update(self, step_scale):
@@ -94,7 +103,7 @@ class PretrainStep(_Step):
         # batch: split the numpy batch across devices; global normalisers from the host copy
         total_weight = float(batch['mlm_weights'].sum())
         batch_size = len(batch['tokens'])
-        shards = split_batch(batch, self.keys, self.contexts)
+        shards = split_batch(batch, self.keys, self.contexts, self.rank, self.num_workers)
         mlm_ls, nsp_ls, totals = [], [], []
         # forward + loss + backward: one graph per device, all launched without waiting
         with autograd.record():
@@ -117,7 +126,7 @@ class FinetuneStep(_Step):
 
     def __call__(self, batch):
         batch_size = len(batch['tokens'])
-        shards = split_batch(batch, self.keys, self.contexts)
+        shards = split_batch(batch, self.keys, self.contexts, self.rank, self.num_workers)
         losses, correct = [], []
         with autograd.record():
             for tokens, segments, valid_lens, labels in shards:

@@ -1,0 +1,137 @@
+"""Distributed training on 127.0.0.1: MXNet's parameter-server KVStore (`dist_sync`) with one
+and two servers, started by `gluon-bert launch`, against one process with the same global
+batch; a worker killed mid-run stops the whole job fast, and the job resumes; Horovod when
+its extra is installed.
+
+Every process binds the loopback interface only (the launcher's local default)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as onp
+import pytest
+
+from gluon_bert.ports.convert import load_mxnet_file
+from gluon_bert.train import latest_checkpoint
+
+HERE = os.path.dirname(__file__)
+RUNNER = os.path.join(HERE, 'fault_runner.py')
+ENV = dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE')
+LR = 1e-3
+# 3 batches of 64 an epoch; every worker takes 32 of each
+FT = ['--batch-size', '64', '--max-len', '40', '--lr', str(LR), '--train-limit', '192',
+      '--no-progress']
+
+
+@pytest.fixture(scope='module')
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp('dist')
+    pre = str(root / 'pre')
+    r = subprocess.run([sys.executable, '-m', 'gluon_bert.cli', 'pretrain', '--out-dir', pre,
+                        '--preset', 'tiny', '--batch-size', '32', '--max-len', '40',
+                        '--num-steps', '4', '--train-limit', '128', '--no-progress'],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    # Fine-tune it without dropout: masks are drawn per device, so with dropout a batch cut in
+    # two trains differently from the whole batch. (A folder in the book's layout with a
+    # config.json, which --init reads as such.)
+    ckpt = latest_checkpoint(pre)
+    init = root / 'init'
+    init.mkdir()
+    config = json.load(open(os.path.join(ckpt, 'config.json')))
+    (init / 'config.json').write_text(json.dumps(dict(config, dropout=0.0)))
+    for src, dst in (('vocab.json', 'vocab.json'), ('model.params', 'pretrained.params')):
+        (init / dst).write_bytes(open(os.path.join(ckpt, src), 'rb').read())
+    return root, str(init)
+
+
+def launch(n, servers, args, dump=None, timeout=300, **popen):
+    env = dict(ENV, GLUON_BERT_TEST_DUMP=dump) if dump else ENV
+    cmd = [sys.executable, '-m', 'gluon_bert.cli', 'launch', '-n', str(n), '-s', str(servers),
+           '--timeout', str(timeout), '--', sys.executable, RUNNER, 'none', 'finetune',
+           '--kvstore', 'dist_sync', *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)
+
+
+def rows(run):
+    return [json.loads(line) for line in open(os.path.join(run, 'metrics.jsonl'))]
+
+
+def close(a, b, name, steps):
+    """Equal within float tolerance. The key bias of attention has a gradient of exactly
+    zero in theory (softmax ignores a shift shared by all keys): its float noise depends on
+    how the batch was split, and Adam turns noise into steps of up to lr each."""
+    atol = 2 * LR * steps if name.endswith('attention.W_k.bias') else 2e-5
+    onp.testing.assert_allclose(a, b, rtol=1e-4, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize('servers', [1, 2])
+def test_dist_sync_workers_agree_with_one_process(work, servers):
+    root, pre = work
+    args = FT + ['--init', pre, '--num-epochs', '2']
+    single = str(root / f'single-{servers}')
+    r = subprocess.run([sys.executable, RUNNER, 'none', 'finetune', '--out-dir', single,
+                        *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    dist, dump = str(root / f'dist-{servers}'), str(root / f'dump-{servers}')
+    proc = launch(2, servers, ['--out-dir', dist, *args], dump=dump)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert 'global batch 64 (32 per worker)' in err
+    summary = json.loads(out)  # rank 0 alone prints the summary
+    assert summary['workers'] == 2 and summary['rank'] == 0
+    # both workers end with the same parameters ...
+    a, b = onp.load(os.path.join(dump, 'rank-0.npz')), onp.load(os.path.join(dump, 'rank-1.npz'))
+    assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+        assert onp.array_equal(a[name], b[name]), name
+    # ... which rank 0 checkpointed, and which are those of one process on the same batches
+    ours = load_mxnet_file(os.path.join(latest_checkpoint(dist), 'model.params'))
+    theirs = load_mxnet_file(os.path.join(latest_checkpoint(single), 'model.params'))
+    for name in ours:
+        assert onp.array_equal(ours[name], a[name]), name
+        close(ours[name], theirs[name], name, steps=6)
+    for got, want in zip(rows(dist), rows(single)):
+        assert got['step'] == want['step']
+        for key in ('train_loss', 'train_acc', 'eval_acc'):
+            assert abs(got[key] - want[key]) < 1e-4, (key, got, want)
+
+
+def test_a_killed_worker_stops_the_job_and_it_resumes(work):
+    root, pre = work
+    out = str(root / 'killed')
+    args = ['--out-dir', out, *FT, '--init', pre, '--num-epochs', '40',
+            '--checkpoint-interval', '2']
+    proc = launch(2, 1, args)
+    # the launcher names every process and its pid on its first line
+    first = proc.stderr.readline()
+    pid = int(re.search(r'worker 1 pid (\d+)', first).group(1))
+    deadline = time.time() + 200
+    while time.time() < deadline and not (os.path.isdir(out) and
+                                          latest_checkpoint(out) is not None):
+        time.sleep(0.1)
+    assert latest_checkpoint(out) is not None
+    os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - killed < 10  # every other process is stopped within seconds
+    assert proc.returncode != 0
+    assert f'worker 1 (pid {pid}) killed by SIGKILL; stopping the job' in err
+    good = latest_checkpoint(out, verify=True)
+    assert good is not None
+    done = json.load(open(os.path.join(good, 'state.json')))['step']
+    # resume, for two more epochs than the checkpoint holds
+    epochs = done // 3 + 2
+    args[args.index('--num-epochs') + 1] = str(epochs)
+    proc = launch(2, 1, args + ['--resume'])
+    stdout, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads(stdout)['step'] == epochs * 3
+    assert [r['epoch'] for r in rows(out)] == list(range(1, epochs + 1))
