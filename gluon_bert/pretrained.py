@@ -126,7 +126,7 @@ def _gluonnlp_layout(name, folder):
 def resolve(name_or_path, cache_dir=None) -> ModelSource:
     """The files a model name stands for (see the module's docstring for the order)."""
     from .data import bert_hub
-    from .data.download import DATA_HUB, DownloadError, download_extract
+    from .data.download import DATA_HUB, download_extract
     from .ports.hf_bert import is_hf_folder
     from .train.checkpoint import latest_checkpoint, read_state
     name = os.fspath(name_or_path)

@@ -43,15 +43,21 @@ _VOCABS = {'book_corpus_wiki_en_uncased': 'a66073971aa0b1a262453fe51342e57166a8a
            'wiki_multilingual_cased': '0247cb442074237c38c62021f36b7a4dbd2e55f7',
            'wiki_cn_cased': 'ddebd8f3867bca5a61023f73326fb125cf12b4f5'}
 for _model, _dataset, _sha1 in (
-        ('bert_12_768_12', 'book_corpus_wiki_en_uncased', '75cc780f085e8007b3bf6769c6348bb1ff9a3074'),
-        ('bert_12_768_12', 'book_corpus_wiki_en_cased', '5656dac6965b5054147b0375337d5a6a7a2ff832'),
+        ('bert_12_768_12', 'book_corpus_wiki_en_uncased',
+         '75cc780f085e8007b3bf6769c6348bb1ff9a3074'),
+        ('bert_12_768_12', 'book_corpus_wiki_en_cased',
+         '5656dac6965b5054147b0375337d5a6a7a2ff832'),
         ('bert_12_768_12', 'openwebtext_book_corpus_wiki_en_uncased',
          'a56e24015a777329c795eed4ed21c698af03c9ff'),
-        ('bert_12_768_12', 'wiki_multilingual_uncased', '237f39851b24f0b56d70aa20efd50095e3926e26'),
-        ('bert_12_768_12', 'wiki_multilingual_cased', 'b0f57a207f85a7d361bb79de80756a8c9a4276f7'),
+        ('bert_12_768_12', 'wiki_multilingual_uncased',
+         '237f39851b24f0b56d70aa20efd50095e3926e26'),
+        ('bert_12_768_12', 'wiki_multilingual_cased',
+         'b0f57a207f85a7d361bb79de80756a8c9a4276f7'),
         ('bert_12_768_12', 'wiki_cn_cased', '885ebb9adc249a170c5576e90e88cfd1bbd98da6'),
-        ('bert_24_1024_16', 'book_corpus_wiki_en_uncased', '24551e1446180e045019a87fc4ffbf714d99c0b5'),
-        ('bert_24_1024_16', 'book_corpus_wiki_en_cased', '4e685a966f8bf07d533bd6b0e06c04136f23f620')):
+        ('bert_24_1024_16', 'book_corpus_wiki_en_uncased',
+         '24551e1446180e045019a87fc4ffbf714d99c0b5'),
+        ('bert_24_1024_16', 'book_corpus_wiki_en_cased',
+         '4e685a966f8bf07d533bd6b0e06c04136f23f620')):
     GLUONNLP_MODELS[f'{_model}_{_dataset}'] = (_sha1, _dataset, _VOCABS[_dataset])
 
 # Hugging Face name -> {file: SHA-1}; empty where none is pinned (see the module docstring)

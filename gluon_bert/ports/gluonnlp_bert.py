@@ -68,7 +68,7 @@ def is_gluonnlp_params(names) -> bool:
 
 
 def infer_config(params: Mapping[str, Any], vocab_size: int, name: str = '',
-                 lower_dropout: float = 0.1) -> BERTConfig:
+                 dropout: float = 0.1) -> BERTConfig:
     """Our BERTConfig for a GluonNLP BERT: the preset its name starts with
     (`bert_12_768_12_...`), else the shapes of its arrays with 64-wide heads (BERT's)."""
     for preset in ('bert_12_768_12', 'bert_24_1024_16'):
@@ -80,7 +80,7 @@ def infer_config(params: Mapping[str, Any], vocab_size: int, name: str = '',
     F = np.shape(params['encoder.transformer_cells.0.ffn.ffn_1.weight'])[0]
     base = dict(PRESETS['bert_12_768_12'])
     base.update(num_hiddens=H, ffn_num_hiddens=F, num_heads=max(1, H // 64),
-                num_blks=max(blocks) + 1, max_len=max_len, dropout=lower_dropout)
+                num_blks=max(blocks) + 1, max_len=max_len, dropout=dropout)
     log.info('GluonNLP BERT %s: shape from its parameters (%d blocks, %d hidden, %d heads)',
              name or '(unnamed)', base['num_blks'], H, base['num_heads'])
     return BERTConfig(vocab_size=vocab_size, **base)
