@@ -285,7 +285,8 @@ def main(argv=None):
         import traceback
         traceback.print_exc()
         code = 1
-    if code:
+    if code and code not in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        # (a stop on request is agreed by every worker: they leave the KVStore together)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -135,3 +135,69 @@ def test_a_killed_worker_stops_the_job_and_it_resumes(work):
     assert proc.returncode == 0, err[-3000:]
     assert json.loads(stdout)['step'] == epochs * 3
     assert [r['epoch'] for r in rows(out)] == list(range(1, epochs + 1))
+
+
+def test_ctrl_c_stops_the_job_with_its_checkpoint(work):
+    root, pre = work
+    out = str(root / 'ctrl-c')
+    args = ['--out-dir', out, *FT, '--init', pre, '--num-epochs', '40',
+            '--checkpoint-interval', '2']
+    proc = launch(2, 1, args)
+    proc.stderr.readline()
+    deadline = time.time() + 200
+    while time.time() < deadline and not (os.path.isdir(out) and
+                                          latest_checkpoint(out) is not None):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends the launcher in a terminal
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert 'stopped on request' in err
+    good = latest_checkpoint(out, verify=True)
+    step = json.load(open(os.path.join(good, 'state.json')))['step']
+    assert 0 < step < 120
+    assert not [n for n in os.listdir(out) if n.startswith(('.tmp-ckpt-', '.lock'))]
+
+
+def test_launcher_plans_and_bad_arguments(tmp_path):
+    from gluon_bert.errors import ConfigError
+    from gluon_bert.launch import launch as run_launch, plan_horovod, plan_ssh, read_hostfile
+    hosts = tmp_path / 'hosts'
+    hosts.write_text('# the job\nnode-a:2\nnode-b\n\n')
+    assert read_hostfile(str(hosts)) == ['node-a', 'node-a', 'node-b']
+    plan = plan_ssh(['python', '-m', 'gluon_bert.cli', 'pretrain', '--out-dir', 'runs/a b'],
+                    workers=3, servers=1, hosts=read_hostfile(str(hosts)), port=9300,
+                    cwd='/shared/job')
+    assert [p.name for p in plan] == ['scheduler@node-a', 'server 0@node-a', 'worker 0@node-a',
+                                      'worker 1@node-a', 'worker 2@node-b']
+    worker = plan[-1].argv
+    assert worker[:4] == ['ssh', '-o', 'BatchMode=yes', 'node-b']
+    assert worker[4].startswith('cd /shared/job && env DMLC_ROLE=worker DMLC_PS_ROOT_URI=node-a '
+                                'DMLC_PS_ROOT_PORT=9300 DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=3 '
+                                'DMLC_NODE_HOST=node-b ')
+    assert worker[4].endswith("--out-dir 'runs/a b'")  # quoted for the remote shell
+    hvd = plan_horovod(['python', 'x.py'], 3, read_hostfile(str(hosts)))[0].argv
+    assert hvd == ['horovodrun', '--gloo', '-np', '3', '-H', 'node-a:2,node-b:1',
+                   '--network-interface', 'lo', 'python', 'x.py']
+    bad = tmp_path / 'bad'
+    bad.write_text('node-a:x\n')
+    for call, message in [
+            (lambda: read_hostfile(str(bad)), "line 1: expected host or host:N, got 'node-a:x'"),
+            (lambda: read_hostfile(str(tmp_path / 'none')), 'No such file'),
+            (lambda: run_launch([], 2), 'give the command to run after --'),
+            (lambda: run_launch(['--', 'true'], 0), '-n must be at least 1'),
+            (lambda: run_launch(['true'], 2, servers=0), '-s must be at least 1'),
+            (lambda: run_launch(['true'], 2, launcher='ssh'), 'needs --hostfile'),
+            (lambda: run_launch(['true'], 2, timeout=-1), '--timeout must be positive')]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            call()
+
+
+def test_a_job_that_cannot_start_and_a_timeout(tmp_path, capsys):
+    from gluon_bert.launch import launch as run_launch
+    assert run_launch([str(tmp_path / 'no-such-program')], 1) == 2
+    assert 'cannot start worker 0' in capsys.readouterr().err
+    started = time.time()
+    assert run_launch([sys.executable, '-c', 'import time; time.sleep(60)'], 1,
+                      timeout=2) == 124
+    assert time.time() - started < 15
+    assert 'ran past --timeout 2 s' in capsys.readouterr().err
