@@ -63,8 +63,9 @@ def _add_train_args(p, task):
         h.add_argument('--preset', help='model shape: d2l.pretrain, bert.small, bert.base, tiny')
         h.add_argument('--num-steps', type=int)
     if task in ('finetune', 'both'):
-        h.add_argument('--init', help='pretraining run folder, bert.small, bert.base, or a '
-                                      'zip/folder in the book\'s layout')
+        h.add_argument('--init', help='pretraining run folder, bert.small, bert.base, a '
+                                      'zip/folder in the book\'s layout, a Hugging Face or '
+                                      'GluonNLP BERT folder, hf:NAME or gluonnlp:NAME')
         h.add_argument('--num-epochs', type=int)
         h.add_argument('--train-split')
         h.add_argument('--eval-split')
@@ -142,7 +143,8 @@ def build_parser():
 
     p = sub.add_parser('download', help='fetch data sets or checkpoints into the cache')
     p.add_argument('names', nargs='+', metavar='NAME',
-                   help='wikitext-2, SNLI, bert.small, bert.base, bert.small.torch, ...')
+                   help='wikitext-2, SNLI, bert.small, bert.base, bert.small.torch, hf:NAME, '
+                        'gluonnlp:NAME, ...')
     p.add_argument('--cache-dir', help='default: $GLUON_BERT_HOME or ~/.cache/gluon_bert')
     return parser
 
@@ -244,15 +246,25 @@ def cmd_predict(args):
 
 
 def cmd_download(args):
+    from .data import bert_hub
     from .data.download import DATA_HUB, download, download_extract
-    unknown = [n for n in args.names if n not in DATA_HUB]
+    real = ('hf:', 'gluonnlp:')
+    unknown = [n for n in args.names if n not in DATA_HUB and not n.startswith(real)]
     if unknown:
         raise ValueError(f'unknown name(s) {", ".join(unknown)}; known: '
-                         f'{", ".join(sorted(DATA_HUB))}')
+                         f'{", ".join(sorted(DATA_HUB))}, hf:<hub name>, gluonnlp:<model zoo '
+                         f'name> ({", ".join(bert_hub.GLUONNLP_MODELS)})')
     for name in args.names:
-        entry = DATA_HUB[name]
-        fetch = download_extract if entry.filename.endswith('.zip') else download
-        print(f'{name}\t{fetch(name, cache_dir=args.cache_dir)}')
+        if name.startswith('hf:'):
+            where = bert_hub.hf_folder(name[len('hf:'):], cache_dir=args.cache_dir)
+        elif name.startswith('gluonnlp:'):
+            where = os.path.dirname(bert_hub.gluonnlp_files(name[len('gluonnlp:'):],
+                                                            cache_dir=args.cache_dir)[0])
+        else:
+            entry = DATA_HUB[name]
+            fetch = download_extract if entry.filename.endswith('.zip') else download
+            where = fetch(name, cache_dir=args.cache_dir)
+        print(f'{name}\t{where}')
 
 
 def cmd_launch(args):

@@ -142,19 +142,51 @@ def plan_ssh(command: Sequence[str], workers: int, servers: int, hosts: Sequence
 
 def plan_horovod(command: Sequence[str], workers: int, hosts: Sequence[str] | None = None,
                  interface: str = 'lo') -> list[Process]:
-    """One `horovodrun --gloo` that starts every rank (on this machine by default)."""
+    """Horovod ranks over Gloo. On this machine (no host file) the launcher starts the ranks
+    itself with a rendezvous server bound to 127.0.0.1 (see `_loopback_rendezvous`): the
+    stock `horovodrun` binds its rendezvous to every interface. With a host file, one
+    `horovodrun --gloo` starts every rank on its hosts."""
     if workers < 1:
         raise ConfigError(f'-n must be at least 1, got {workers}')
-    if hosts:
-        counts = {}
-        for h in hosts:
-            counts[h] = counts.get(h, 0) + 1
-        spec = ','.join(f'{h}:{n}' for h, n in counts.items())
-    else:
-        spec = f'localhost:{workers}'
-    argv = ['horovodrun', '--gloo', '-np', str(workers), '-H', spec,
+    if not hosts:
+        return [Process(f'worker {i}', list(command), {}, 'worker') for i in range(workers)]
+    counts = {}
+    for h in hosts:
+        counts[h] = counts.get(h, 0) + 1
+    spec = ','.join(f'{h}:{n}' for h, n in counts.items())
+    # the horovodrun of this installation, when there is one beside this Python
+    beside = os.path.join(os.path.dirname(sys.executable), 'horovodrun')
+    runner = beside if os.path.exists(beside) else 'horovodrun'
+    argv = [runner, '--gloo', '-np', str(workers), '-H', spec,
             '--network-interface', interface, *command]
     return [Process('horovodrun', argv, {}, 'horovod')]
+
+
+def _loopback_rendezvous(plan: list[Process]):
+    """Serve Horovod's Gloo rendezvous on 127.0.0.1 and give each local rank the
+    environment that `horovodrun` would (rank, sizes, rendezvous address, loopback)."""
+    try:
+        from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
+        from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
+        from horovod.runner.util.threads import in_thread
+    except ImportError as err:
+        raise ConfigError(f'--launcher horovod needs Horovod ({err}); install it with '
+                          '`bash scripts/setup.sh horovod`') from None
+    server = RendezvousHTTPServer(('127.0.0.1', 0), RendezvousHandler, 0)
+    slots = get_host_assignments(parse_hosts(f'localhost:{len(plan)}'), len(plan))
+    server.init(slots)
+    in_thread(target=server.serve_forever)
+    for p, slot in zip(plan, slots):
+        p.env.update(HOROVOD_HOSTNAME=slot.hostname, HOROVOD_RANK=str(slot.rank),
+                     HOROVOD_SIZE=str(slot.size), HOROVOD_LOCAL_RANK=str(slot.local_rank),
+                     HOROVOD_LOCAL_SIZE=str(slot.local_size),
+                     HOROVOD_CROSS_RANK=str(slot.cross_rank),
+                     HOROVOD_CROSS_SIZE=str(slot.cross_size),
+                     HOROVOD_GLOO_RENDEZVOUS_ADDR='127.0.0.1',
+                     HOROVOD_GLOO_RENDEZVOUS_PORT=str(server.server_address[1]),
+                     HOROVOD_CONTROLLER='gloo', HOROVOD_CPU_OPERATIONS='gloo',
+                     HOROVOD_GLOO_IFACE='lo')
+    return server
 
 
 def _check_counts(workers, servers):
@@ -194,6 +226,17 @@ def _stop_all(plan, grace=GRACE_S):
             p.popen.wait()
 
 
+def _die_with_launcher():
+    """In the child, before exec: the kernel kills it when the launcher dies, however the
+    launcher dies (Linux; elsewhere a no-op), so that no process of a job outlives it."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL('libc.so.6', use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _say(msg):
     print(f'gluon-bert launch: {msg}', file=sys.stderr, flush=True)
 
@@ -207,6 +250,7 @@ def run_job(plan: list[Process], timeout: float | None = None, poll_s: float = 0
             env = dict(os.environ, **p.env)
             # its own session: a kill reaches the process and everything it started
             p.popen = subprocess.Popen(p.argv, env=env, start_new_session=True,
+                                       preexec_fn=_die_with_launcher,
                                        stdout=None if p.role in ('worker', 'horovod')
                                        else subprocess.DEVNULL)
     except OSError as err:
@@ -217,8 +261,24 @@ def run_job(plan: list[Process], timeout: float | None = None, poll_s: float = 0
     started = time.monotonic()
     workers = [p for p in plan if p.role in ('worker', 'horovod')]
     services = [p for p in plan if p not in workers]
-    interrupted_at = None
     services_done = {}  # services that exited cleanly -> when
+
+    def terminated(signum, frame):  # a batch scheduler stopping the launcher
+        raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        return _watch(plan, workers, services, started, timeout, poll_s, interrupt_grace,
+                      services_done)
+    except SystemExit as stop:
+        _say('SIGTERM: stopping the job')
+        _stop_all(plan)
+        return stop.code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _watch(plan, workers, services, started, timeout, poll_s, interrupt_grace, services_done):
+    interrupted_at = None
     while True:
         try:
             time.sleep(poll_s)
@@ -294,6 +354,8 @@ def launch(command: Sequence[str], workers: int, servers: int = 1, launcher: str
            hostfile: str | None = None, timeout: float | None = None,
            port: int | None = None) -> int:
     """Plan and run a job (the `gluon-bert launch` command)."""
+    if timeout is not None and timeout <= 0:
+        raise ConfigError(f'--timeout must be positive, got {timeout:g}')
     command = _worker_command(command)
     hosts = read_hostfile(hostfile) if hostfile else None
     if launcher == 'local':
@@ -306,8 +368,12 @@ def launch(command: Sequence[str], workers: int, servers: int = 1, launcher: str
         plan = plan_ssh(command, workers, servers, hosts, port=port)
     elif launcher == 'horovod':
         plan = plan_horovod(command, workers, hosts)
+        if not hosts:
+            server = _loopback_rendezvous(plan)
+            try:
+                return run_job(plan, timeout=timeout)
+            finally:
+                server.shutdown()
     else:
         raise ConfigError(f'unknown --launcher {launcher!r}: local, ssh or horovod')
-    if timeout is not None and timeout <= 0:
-        raise ConfigError(f'--timeout must be positive, got {timeout:g}')
     return run_job(plan, timeout=timeout)

@@ -200,3 +200,13 @@ def test_evaluate_predict_and_finetune_refuse_a_max_len_above_the_models(tmp_pat
                  '--max-len', '65', '--no-progress']) == 2
     assert "--max-len 65 exceeds the model's 64" in one_error_line(capsys, 'finetune')
     assert not os.path.exists(tmp_path / 'ft2')
+
+
+def test_download_names_what_it_knows(capsys):
+    assert main(['download', 'gluonnlp:bert_99_1_1_nowhere']) == 2
+    assert "unknown GluonNLP BERT 'bert_99_1_1_nowhere'" in one_error_line(capsys, 'download')
+    assert main(['download', 'hf:../etc']) == 2
+    assert 'not a Hugging Face model name' in one_error_line(capsys, 'download')
+    assert main(['download', 'bert.tiny.nowhere']) == 2
+    line = one_error_line(capsys, 'download')
+    assert 'unknown name(s) bert.tiny.nowhere' in line and 'hf:<hub name>' in line

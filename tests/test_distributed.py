@@ -51,11 +51,13 @@ def work(tmp_path_factory):
     return root, str(init)
 
 
-def launch(n, servers, args, dump=None, timeout=300, **popen):
+def launch(n, servers, args, dump=None, timeout=300, kvstore='dist_sync', **popen):
+    """`gluon-bert launch` of fine-tuning workers (`servers` None: Horovod)."""
     env = dict(ENV, GLUON_BERT_TEST_DUMP=dump) if dump else ENV
-    cmd = [sys.executable, '-m', 'gluon_bert.cli', 'launch', '-n', str(n), '-s', str(servers),
+    how = ['--launcher', 'horovod'] if servers is None else ['-s', str(servers)]
+    cmd = [sys.executable, '-m', 'gluon_bert.cli', 'launch', '-n', str(n), *how,
            '--timeout', str(timeout), '--', sys.executable, RUNNER, 'none', 'finetune',
-           '--kvstore', 'dist_sync', *args]
+           '--kvstore', kvstore, *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **popen)
 
@@ -72,16 +74,28 @@ def close(a, b, name, steps):
     onp.testing.assert_allclose(a, b, rtol=1e-4, atol=atol, err_msg=name)
 
 
-@pytest.mark.parametrize('servers', [1, 2])
-def test_dist_sync_workers_agree_with_one_process(work, servers):
+def _horovod():
+    try:
+        import horovod.mxnet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize('kvstore,servers', [
+    ('dist_sync', 1), ('dist_sync', 2),
+    pytest.param('horovod', None, marks=pytest.mark.skipif(
+        not _horovod(), reason='Horovod is not installed: bash scripts/setup.sh horovod'))],
+    ids=['dist_sync-1-server', 'dist_sync-2-servers', 'horovod'])
+def test_two_workers_agree_with_one_process(work, kvstore, servers):
     root, pre = work
     args = FT + ['--init', pre, '--num-epochs', '2']
-    single = str(root / f'single-{servers}')
+    single = str(root / f'single-{kvstore}-{servers}')
     r = subprocess.run([sys.executable, RUNNER, 'none', 'finetune', '--out-dir', single,
                         *args], env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    dist, dump = str(root / f'dist-{servers}'), str(root / f'dump-{servers}')
-    proc = launch(2, servers, ['--out-dir', dist, *args], dump=dump)
+    dist, dump = str(root / f'dist-{kvstore}-{servers}'), str(root / f'dump-{kvstore}-{servers}')
+    proc = launch(2, servers, ['--out-dir', dist, *args], dump=dump, kvstore=kvstore)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert 'global batch 64 (32 per worker)' in err
@@ -175,8 +189,10 @@ def test_launcher_plans_and_bad_arguments(tmp_path):
                                 'DMLC_PS_ROOT_PORT=9300 DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=3 '
                                 'DMLC_NODE_HOST=node-b ')
     assert worker[4].endswith("--out-dir 'runs/a b'")  # quoted for the remote shell
+    assert [p.name for p in plan_horovod(['python', 'x.py'], 2)] == ['worker 0', 'worker 1']
     hvd = plan_horovod(['python', 'x.py'], 3, read_hostfile(str(hosts)))[0].argv
-    assert hvd == ['horovodrun', '--gloo', '-np', '3', '-H', 'node-a:2,node-b:1',
+    assert os.path.basename(hvd[0]) == 'horovodrun'
+    assert hvd[1:] == ['--gloo', '-np', '3', '-H', 'node-a:2,node-b:1',
                    '--network-interface', 'lo', 'python', 'x.py']
     bad = tmp_path / 'bad'
     bad.write_text('node-a:x\n')

@@ -246,7 +246,7 @@ def _train(cfg, placement, resume, progress, stop_after, given, start):
     if distributed:
         where += f' x {placement.num_workers} workers ({placement.kind})'
         batch_note = (f'global batch {cfg.batch_size} ({cfg.batch_size / placement.num_workers:g} '
-                      f'per worker), lr {cfg.lr} for the global batch')
+                      f'per worker)')
     log.info(f'{cfg.task} {config.preset or "BERT"} [{runner.name}] on {where}: '
              f'{train_loader.num_examples} examples, {batch_note}, lr {cfg.lr}, '
              f'{steps_per_epoch} batches/epoch, steps {step}->{total}')
