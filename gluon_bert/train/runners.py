@@ -150,6 +150,14 @@ class MXNetRunner(_Runner):
             self.trainer = _horovod_trainer(self.net, lr)
         else:
             self.trainer = make_trainer(self.net.collect_params(), lr, self.placement.kvstore)
+        if self.placement.kind in ('dist_sync', 'dist_device_sync'):
+            # Join the KVStore now and wait until every worker holds rank 0's weights. Left
+            # to the first step, the Trainer's asynchronous pull of the initial weights can
+            # be answered after that step's gradients reached the same server key, and the
+            # weights become a gradient sum (seen here: losses of 20 from the first epoch).
+            self.trainer._init_kvstore()
+            self.trainer._init_params()
+            mx.nd.waitall()
         step_cls = PretrainStep if task == 'pretrain' else FinetuneStep
         self.step = step_cls(self.net, self.trainer, self.contexts, clip_norm,
                              self.placement.rank, self.placement.num_workers)
