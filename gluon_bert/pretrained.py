@@ -244,11 +244,7 @@ def _load_real_bert(source: ModelSource, ctx, preset=None, dropout=None):
             stem = os.path.basename(source.params)
             config = (BERTConfig.from_preset(preset, vocab_size=len(vocab)) if preset else
                       gluonnlp_bert.infer_config(arrays, len(vocab), stem))
-        if dropout is not None:
-            config = config.replace(dropout=dropout)
-        if config.vocab_size != len(vocab):
-            raise PretrainedError(f'{source.vocab} has {len(vocab)} tokens, the model '
-                                  f'{config.vocab_size}')
+        config = _with_dropout_for(config, vocab, dropout, source)
         net = BERTModel(config)
         net.initialize(mx.init.Normal(0.02))  # BERT's initialiser, for heads a file lacks
         fresh = mxnet_params(net)
@@ -263,6 +259,16 @@ def _load_real_bert(source: ModelSource, ctx, preset=None, dropout=None):
     return net, vocab
 
 
+def _with_dropout_for(config, vocab, dropout, source):
+    """The config with the dropout asked for, checked against the vocabulary it reads."""
+    if dropout is not None:
+        config = config.replace(dropout=dropout)
+    if config.vocab_size != len(vocab):
+        raise PretrainedError(f'{source.vocab} has {len(vocab)} tokens, the model '
+                              f'{config.vocab_size}')
+    return config
+
+
 def _load(source: ModelSource, net_cls, ctx, preset=None, dropout=None):
     from .data.vocab import Vocab
     if source.kind in ('hf', 'gluonnlp'):
@@ -271,12 +277,7 @@ def _load(source: ModelSource, net_cls, ctx, preset=None, dropout=None):
                                   'of gluon-bert (`gluon-bert finetune --init ...` makes one)')
         return _load_real_bert(source, ctx, preset, dropout)
     vocab = Vocab.load(source.vocab)
-    config = _config_of(source, vocab, preset)
-    if dropout is not None:
-        config = config.replace(dropout=dropout)
-    if config.vocab_size != len(vocab):
-        raise PretrainedError(f'{source.vocab} has {len(vocab)} tokens, the config '
-                              f'{config.vocab_size}')
+    config = _with_dropout_for(_config_of(source, vocab, preset), vocab, dropout, source)
     net = net_cls(config)
     _check_shapes(net, source.params)
     net.load_parameters(source.params, ctx=ctx or mx.cpu())

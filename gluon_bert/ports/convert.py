@@ -204,6 +204,24 @@ def _report(direction, missing, unexpected, misshaped, task):
     raise ConversionError('\n'.join(lines))
 
 
+def check_import(source: str, header: str, missing, unexpected, misshaped, filled, log):
+    """The end of an import from another library's names (Hugging Face, GluonNLP): every
+    name problem in one ConversionError headed `source: header`; parameters the file lacks
+    (`filled`, e.g. pretraining heads) start fresh, with one warning."""
+    if missing or unexpected or misshaped:
+        lines = [f'{source}: {header}:']
+        if missing:
+            lines.append(f'  missing {len(missing)}: {", ".join(missing[:6])}')
+        if unexpected:
+            lines.append(f'  unexpected {len(unexpected)}: {", ".join(unexpected[:6])}')
+        if misshaped:
+            lines.append('  wrong shape: ' + '; '.join(misshaped[:4]))
+        raise ConversionError('\n'.join(lines))
+    if filled:
+        log.warning('%s has no %s: they start from a fresh initialisation', source,
+                    ', '.join(sorted({n.split('.')[0] for n in filled})))
+
+
 def _convert(params: Mapping[str, Any], rows, *, forward: bool, direction: str, task: str,
              expected_shapes: dict[str, tuple] | None):
     """Move arrays from one naming to the other. forward: MXNet -> port, else port -> MXNet.

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..config import PRESETS, BERTConfig
-from .convert import ConversionError
+from .convert import ConversionError, check_import
 
 __all__ = ['GLUONNLP_TABLE', 'gluonnlp_to_mxnet', 'mxnet_to_gluonnlp', 'is_gluonnlp_params',
            'infer_config', 'save_gluonnlp_params']
@@ -109,19 +109,8 @@ def gluonnlp_to_mxnet(params: Mapping[str, Any], config: BERTConfig, source: str
             continue
         out[mx_name] = array
     unexpected = sorted(set(params) - used - {'decoder.3.weight'})
-    if missing or unexpected or misshaped:
-        lines = [f'{source}: not a GluonNLP BERT of this shape '
-                 f'({config.num_blks} blocks, {config.num_hiddens} hidden):']
-        if missing:
-            lines.append(f'  missing {len(missing)}: {", ".join(missing[:6])}')
-        if unexpected:
-            lines.append(f'  unexpected {len(unexpected)}: {", ".join(unexpected[:6])}')
-        if misshaped:
-            lines.append('  wrong shape: ' + '; '.join(misshaped[:4]))
-        raise ConversionError('\n'.join(lines))
-    if filled:
-        log.warning('%s has no %s: they start from a fresh initialisation', source,
-                    ', '.join(sorted({n.split('.')[0] for n in filled})))
+    check_import(source, f'not a GluonNLP BERT of this shape ({config.num_blks} blocks, '
+                 f'{config.num_hiddens} hidden)', missing, unexpected, misshaped, filled, log)
     return out
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..config import BERTConfig
 from ..errors import ConfigError
-from .convert import ConversionError
+from .convert import ConversionError, check_import
 
 __all__ = ['HF_TABLE', 'read_config', 'config_to_hf', 'load_state_dict', 'hf_to_mxnet',
            'mxnet_to_hf', 'save_hf_folder', 'is_hf_folder', 'WEIGHT_FILES']
@@ -229,18 +229,8 @@ def hf_to_mxnet(state: Mapping[str, Any], config: BERTConfig, source: str = 'che
         unexpected.remove('cls.predictions.decoder.weight')  # a stored copy of the embedding
     # a fine-tuning checkpoint's task head (classifier.*) is not part of a BERTModel
     unexpected = [n for n in unexpected if not n.startswith('classifier.')]
-    if missing or unexpected or misshaped:
-        lines = [f'{source}: not the Hugging Face BERT that its config.json describes:']
-        if missing:
-            lines.append(f'  missing {len(missing)}: {", ".join(missing[:6])}')
-        if unexpected:
-            lines.append(f'  unexpected {len(unexpected)}: {", ".join(unexpected[:6])}')
-        if misshaped:
-            lines.append('  wrong shape: ' + '; '.join(misshaped[:4]))
-        raise ConversionError('\n'.join(lines))
-    if filled:
-        log.warning('%s has no %s: they start from a fresh initialisation', source,
-                    ', '.join(sorted({n.split('.')[0] for n in filled})))
+    check_import(source, 'not the Hugging Face BERT that its config.json describes', missing,
+                 unexpected, misshaped, filled, log)
     return out
 
 
