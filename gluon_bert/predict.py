@@ -17,19 +17,13 @@ def read_pairs(path):
     DataError naming it (and the line).
     """
     import io
-    from .data.vocab import MissingFileError, decode_utf8
+    from .data.vocab import decode_utf8, read_bytes
     from .errors import DataError
     if path == '-':
         stream = getattr(sys.stdin, 'buffer', None)  # bytes, to name the line of bad UTF-8
         data = stream.read() if stream is not None else sys.stdin.read().encode('utf-8')
     else:
-        try:
-            with open(path, 'rb') as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise MissingFileError(f'{path}: no such file') from None
-        except OSError as err:
-            raise DataError(f'{path}: cannot be read ({err.strerror or err})') from None
+        data = read_bytes(path)
     name = '<stdin>' if path == '-' else path
     pairs = []
     # newline=None: lines end as text-mode open() ends them ('\n', '\r\n' or '\r')

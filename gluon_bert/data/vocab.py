@@ -30,6 +30,17 @@ RESERVED_TOKENS = ['<pad>', '<mask>', '<cls>', '<sep>']
 UNK = '<unk>'
 
 
+def read_bytes(path: str, what: str = 'file') -> bytes:
+    """The bytes of an input file; a missing or unreadable one is one error naming it."""
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except FileNotFoundError:
+        raise MissingFileError(f'{path}: no such {what}') from None
+    except OSError as err:
+        raise DataError(f'{path}: cannot be read ({err.strerror or err})') from None
+
+
 def decode_utf8(data: bytes, path: str) -> str:
     """`data` (the bytes of `path`) as text; bytes that are not UTF-8 raise a DataError
     naming the file, the line and the column (in bytes) of the first bad byte."""
@@ -137,13 +148,7 @@ class Vocab:
         """
         if os.path.isdir(path):
             path = os.path.join(path, 'vocab.json')
-        try:
-            with open(path, 'rb') as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise MissingFileError(f'{path}: no such vocabulary file') from None
-        except OSError as err:
-            raise DataError(f'{path}: cannot be read ({err.strerror or err})') from None
+        data = read_bytes(path, 'vocabulary file')
         try:
             tokens = json.loads(decode_utf8(data, path))
         except json.JSONDecodeError as err:
