@@ -118,20 +118,26 @@ def test_two_workers_agree_with_one_process(work, kvstore, servers):
             assert abs(got[key] - want[key]) < 1e-4, (key, got, want)
 
 
-def test_a_killed_worker_stops_the_job_and_it_resumes(work):
+def long_job(work, name):
+    """A 40-epoch job of 2 workers, once it has written a checkpoint -> (launcher, run
+    folder, its arguments, the pid of worker 1)."""
     root, pre = work
-    out = str(root / 'killed')
+    out = str(root / name)
     args = ['--out-dir', out, *FT, '--init', pre, '--num-epochs', '40',
             '--checkpoint-interval', '2']
     proc = launch(2, 1, args)
     # the launcher names every process and its pid on its first line
-    first = proc.stderr.readline()
-    pid = int(re.search(r'worker 1 pid (\d+)', first).group(1))
+    pid = int(re.search(r'worker 1 pid (\d+)', proc.stderr.readline()).group(1))
     deadline = time.time() + 200
     while time.time() < deadline and not (os.path.isdir(out) and
                                           latest_checkpoint(out) is not None):
         time.sleep(0.1)
     assert latest_checkpoint(out) is not None
+    return proc, out, args, pid
+
+
+def test_a_killed_worker_stops_the_job_and_it_resumes(work):
+    proc, out, args, pid = long_job(work, 'killed')
     os.kill(pid, signal.SIGKILL)
     killed = time.time()
     _, err = proc.communicate(timeout=60)
@@ -152,16 +158,7 @@ def test_a_killed_worker_stops_the_job_and_it_resumes(work):
 
 
 def test_ctrl_c_stops_the_job_with_its_checkpoint(work):
-    root, pre = work
-    out = str(root / 'ctrl-c')
-    args = ['--out-dir', out, *FT, '--init', pre, '--num-epochs', '40',
-            '--checkpoint-interval', '2']
-    proc = launch(2, 1, args)
-    proc.stderr.readline()
-    deadline = time.time() + 200
-    while time.time() < deadline and not (os.path.isdir(out) and
-                                          latest_checkpoint(out) is not None):
-        time.sleep(0.1)
+    proc, out, _, _ = long_job(work, 'ctrl-c')
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends the launcher in a terminal
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]

@@ -29,8 +29,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..errors import DataError, MissingFileError
-from .vocab import Vocab, decode_utf8
+from ..errors import DataError
+from .vocab import Vocab, decode_utf8, read_bytes
 
 __all__ = ['WordPieceVocab', 'sentence_encoder', 'special_ids', 'WORDPIECE_SPECIALS',
            'wordpiece_tokenizer']
@@ -155,7 +155,7 @@ class WordPieceVocab(Vocab):
     @classmethod
     def from_vocab_txt(cls, path: str, lower: bool = True) -> 'WordPieceVocab':
         """BERT's vocab.txt (Google's and Hugging Face's): one token per line, id = line."""
-        text = decode_utf8(_read(path), path)
+        text = decode_utf8(read_bytes(path, 'vocabulary file'), path)
         tokens = text.split('\n')
         if tokens and tokens[-1] == '':
             tokens.pop()
@@ -169,7 +169,7 @@ class WordPieceVocab(Vocab):
     def from_gluonnlp(cls, path: str, lower: bool = True) -> 'WordPieceVocab':
         """GluonNLP's `.vocab` (a `BERTVocab.to_json()`): its own token order and specials."""
         try:
-            obj = json.loads(decode_utf8(_read(path), path))
+            obj = json.loads(decode_utf8(read_bytes(path, 'vocabulary file'), path))
             named = obj.get('identifiers_to_tokens') or {}
             special = {'unk': obj.get('unknown_token') or WORDPIECE_SPECIALS['unk']}
             for role in ('pad', 'cls', 'sep', 'mask'):
@@ -178,16 +178,6 @@ class WordPieceVocab(Vocab):
             return cls(obj['idx_to_token'], lower=lower, special=special)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise DataError(f'{path}: not a GluonNLP BERT vocabulary ({err})') from None
-
-
-def _read(path):
-    try:
-        with open(path, 'rb') as f:
-            return f.read()
-    except FileNotFoundError:
-        raise MissingFileError(f'{path}: no such vocabulary file') from None
-    except OSError as err:
-        raise DataError(f'{path}: cannot be read ({err.strerror or err})') from None
 
 
 # -- sentence encoders (run in SNLIBERTDataset's workers) ----------------------------------
