@@ -40,16 +40,24 @@ def _commit():
 
 
 def _time_steps(step, sync, steps, warmup):
+    """Per-step wall times, and per step the minor page faults and system seconds (from
+    getrusage, over the timed steps: allocation churn shows there, not in wall time)."""
+    import resource
     for _ in range(warmup):
         step()
     sync()
     times = []
+    before = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
         start = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - start)
-    return times
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    usage = dict(minor_faults_per_step=(after.ru_minflt - before.ru_minflt) / steps,
+                 system_s_per_step=(after.ru_stime - before.ru_stime) / steps,
+                 peak_rss_mb=after.ru_maxrss / 1024)
+    return times, usage
 
 
 def _mxnet_step(config, params, batch, task, devices):
@@ -119,7 +127,7 @@ def bench(framework, config, params, batch, task='pretrain', steps=10, warmup=2,
     else:
         raise ValueError(f'unknown framework {framework!r}: mxnet, d2l, torch, torch.compile, jax')
     try:
-        times = _time_steps(step, sync, steps, warmup)
+        times, usage = _time_steps(step, sync, steps, warmup)
     finally:
         if framework == 'd2l':  # the book's mode stays with the book's run
             from mxnet import npx
@@ -132,7 +140,14 @@ def bench(framework, config, params, batch, task='pretrain', steps=10, warmup=2,
                 seq_len=L, device=device, steps=steps, warmup=warmup,
                 median_step_s=median, min_step_s=min(times),
                 examples_per_sec=B / median, tokens_per_sec=tokens / median,
-                model_tflops_per_sec=6 * non_embedding * tokens / median / 1e12)
+                model_tflops_per_sec=6 * non_embedding * tokens / median / 1e12, **usage)
+
+
+def _environment():
+    """The settings that move these numbers: allocator, threads."""
+    keys = ('GLIBC_TUNABLES', 'MALLOC_CONF', 'LD_PRELOAD', 'OMP_NUM_THREADS', 'OMP_WAIT_POLICY',
+            'GLUON_BERT_MALLOC', 'MXNET_EXEC_BULK_EXEC_TRAIN')
+    return {k: os.environ[k] for k in keys if k in os.environ}
 
 
 def _versions():
@@ -165,7 +180,7 @@ def run_bench(frameworks=('mxnet', 'd2l', 'torch', 'jax'), task='pretrain',
     rows = []
     common = dict(date=datetime.datetime.now().isoformat(timespec='seconds'),
                   machine=platform.platform(), cpus=os.cpu_count(), commit=_commit(),
-                  versions=_versions(), dtype='float32')
+                  versions=_versions(), dtype='float32', environment=_environment())
     for fw in frameworks:
         try:
             row = bench(fw, config, params, batch, task, steps, warmup, devices)

@@ -246,3 +246,24 @@ def test_download_command_and_download_flag(tmp_path, capsys, monkeypatch):
     assert 'unknown name(s) no-such-set' in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one source of data, not two
         main(['pretrain', '--download', '--data-dir', str(tmp_path)])
+
+
+@pytest.mark.parametrize('malloc', ['tuned', 'system'])
+def test_the_command_tunes_glibcs_allocator_unless_told_not_to(tmp_path, malloc):
+    """`gluon-bert` restarts itself once with GLIBC_TUNABLES (one arena that keeps its
+    memory); GLUON_BERT_MALLOC=system keeps glibc's defaults. The bench row records which
+    ran, with the page faults per step that the setting removes."""
+    out = tmp_path / 'bench.jsonl'
+    env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD')}
+    env['GLUON_BERT_MALLOC'] = malloc
+    cli = os.path.join(os.path.dirname(sys.executable), 'gluon-bert')
+    r = subprocess.run([cli, 'bench', '--frameworks', 'mxnet', '--preset', 'tiny',
+                        '--vocab-size', '50', '--batch-size', '8', '--seq-len', '16',
+                        '--steps', '2', '--warmup', '1', '--out', str(out)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())
+    from gluon_bert.cli import GLIBC_TUNABLES
+    assert row['environment'].get('GLIBC_TUNABLES') == (GLIBC_TUNABLES if malloc == 'tuned'
+                                                        else None)
+    assert row['minor_faults_per_step'] >= 0 and row['peak_rss_mb'] > 0
