@@ -1,8 +1,6 @@
 """Fine-tuning a pretrained BERT on SNLI (natural language inference), as the book does."""
 from __future__ import annotations
 
-import os
-
 import mxnet as mx
 import numpy as onp
 from mxnet import init
