@@ -204,6 +204,35 @@ def _report(direction, missing, unexpected, misshaped, task):
     raise ConversionError('\n'.join(lines))
 
 
+# Parameters that a file of another library may lack (a BertModel without heads, a model
+# zoo file without the pooler): they start from a fresh initialisation.
+OPTIONAL_ON_IMPORT = ('hidden.', 'mlm.', 'nsp.')
+
+
+def import_by_rows(arrays: Mapping[str, Any], rows, shapes, fresh=None):
+    """Another library's arrays -> ours along `rows` of (our name, its name) ->
+    (out, missing, misshaped, filled, used). float32; its (max_len, H) position embedding
+    becomes our (1, max_len, H); our optional parameters it lacks come from `fresh`."""
+    out, missing, misshaped, filled, used = {}, [], [], [], set()
+    for mx_name, name in rows:
+        if name not in arrays:
+            if fresh is not None and mx_name.startswith(OPTIONAL_ON_IMPORT):
+                out[mx_name] = np.asarray(fresh[mx_name])
+                filled.append(mx_name)
+            else:
+                missing.append(name)
+            continue
+        used.add(name)
+        array = _to_numpy(arrays[name]).astype(np.float32)
+        if mx_name == 'encoder.pos_embedding':
+            array = array[None]  # (max_len, H) -> (1, max_len, H)
+        if array.shape != tuple(shapes[mx_name]):
+            misshaped.append(f'{name} is {array.shape}, expected {tuple(shapes[mx_name])}')
+            continue
+        out[mx_name] = array
+    return out, missing, misshaped, filled, used
+
+
 def check_import(source: str, header: str, missing, unexpected, misshaped, filled, log):
     """The end of an import from another library's names (Hugging Face, GluonNLP): every
     name problem in one ConversionError headed `source: header`; parameters the file lacks

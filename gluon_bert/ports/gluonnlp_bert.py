@@ -55,7 +55,6 @@ GLUONNLP_TABLE: tuple[tuple[str, str], ...] = (
     ('nsp.output.weight', 'classifier.weight'),
     ('nsp.output.bias', 'classifier.bias'),
 )
-_OPTIONAL = ('hidden.', 'mlm.', 'nsp.')  # model-zoo files without heads keep fresh ones
 
 
 def _rows(num_blks):
@@ -89,25 +88,9 @@ def infer_config(params: Mapping[str, Any], vocab_size: int, name: str = '',
 def gluonnlp_to_mxnet(params: Mapping[str, Any], config: BERTConfig, source: str = 'params',
                       fresh: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """GluonNLP BERTModel parameters -> ours; heads the file lacks come from `fresh`."""
-    from .convert import _to_numpy, mxnet_shapes
-    shapes = mxnet_shapes(config, 'pretrain')
-    out, missing, misshaped, filled, used = {}, [], [], [], set()
-    for mx_name, g_name in _rows(config.num_blks):
-        if g_name not in params:
-            if fresh is not None and mx_name.startswith(_OPTIONAL):
-                out[mx_name] = np.asarray(fresh[mx_name])
-                filled.append(mx_name)
-            else:
-                missing.append(g_name)
-            continue
-        used.add(g_name)
-        array = _to_numpy(params[g_name]).astype(np.float32)
-        if mx_name == 'encoder.pos_embedding':
-            array = array[None]  # (max_len, H) -> (1, max_len, H)
-        if array.shape != tuple(shapes[mx_name]):
-            misshaped.append(f'{g_name} is {array.shape}, expected {tuple(shapes[mx_name])}')
-            continue
-        out[mx_name] = array
+    from .convert import import_by_rows, mxnet_shapes
+    out, missing, misshaped, filled, used = import_by_rows(
+        params, _rows(config.num_blks), mxnet_shapes(config, 'pretrain'), fresh)
     unexpected = sorted(set(params) - used - {'decoder.3.weight'})
     check_import(source, f'not a GluonNLP BERT of this shape ({config.num_blks} blocks, '
                  f'{config.num_hiddens} hidden)', missing, unexpected, misshaped, filled, log)

@@ -70,7 +70,6 @@ HF_TABLE: tuple[tuple[str, str], ...] = (
 )
 # Parts a checkpoint may lack (a `BertModel` has no heads; some have no pooler): they keep
 # a fresh initialisation, with a warning.
-_OPTIONAL = ('hidden.', 'mlm.', 'nsp.')
 # HF entries that are not parameters, or copies of others.
 _IGNORED = re.compile(r'(position_ids|cls\.predictions\.decoder\.bias)$')
 
@@ -203,27 +202,10 @@ def hf_to_mxnet(state: Mapping[str, Any], config: BERTConfig, source: str = 'che
     model's parameters) with a warning; anything else missing, left over or mis-shaped is
     one ConversionError naming `source`.
     """
-    from .convert import mxnet_shapes
+    from .convert import import_by_rows, mxnet_shapes
     state = {k: v for k, v in _normalise(state).items() if not _IGNORED.search(k)}
-    shapes = mxnet_shapes(config, 'pretrain')
-    out, missing, misshaped, filled = {}, [], [], []
-    used = set()
-    for mx_name, hf_name in _rows(config):
-        if hf_name not in state:
-            if fresh is not None and mx_name.startswith(_OPTIONAL):
-                out[mx_name] = np.asarray(fresh[mx_name])
-                filled.append(mx_name)
-            else:
-                missing.append(hf_name)
-            continue
-        used.add(hf_name)
-        array = np.asarray(state[hf_name], dtype=np.float32)
-        if mx_name == 'encoder.pos_embedding':
-            array = array[None]  # (max_len, H) -> (1, max_len, H)
-        if array.shape != tuple(shapes[mx_name]):
-            misshaped.append(f'{hf_name} is {array.shape}, expected {tuple(shapes[mx_name])}')
-            continue
-        out[mx_name] = array
+    out, missing, misshaped, filled, used = import_by_rows(
+        state, _rows(config), mxnet_shapes(config, 'pretrain'), fresh)
     unexpected = sorted(set(state) - used)
     if config.tie_mlm_decoder and 'cls.predictions.decoder.weight' in unexpected:
         unexpected.remove('cls.predictions.decoder.weight')  # a stored copy of the embedding
