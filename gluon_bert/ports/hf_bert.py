@@ -68,8 +68,6 @@ HF_TABLE: tuple[tuple[str, str], ...] = (
     ('nsp.output.weight', 'cls.seq_relationship.weight'),
     ('nsp.output.bias', 'cls.seq_relationship.bias'),
 )
-# Parts a checkpoint may lack (a `BertModel` has no heads; some have no pooler): they keep
-# a fresh initialisation, with a warning.
 # HF entries that are not parameters, or copies of others.
 _IGNORED = re.compile(r'(position_ids|cls\.predictions\.decoder\.bias)$')
 
