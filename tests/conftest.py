@@ -47,3 +47,11 @@ def np_mode():
 @pytest.fixture(params=[False, True], ids=['imperative', 'hybridized'])
 def hybridize(request):
     return request.param
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server on 127.0.0.1 (data_fixtures.local_server) for download tests."""
+    from data_fixtures import local_server
+    with local_server() as srv:
+        yield srv

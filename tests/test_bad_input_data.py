@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from data_fixtures import local_server, zip_bytes
+from data_fixtures import zip_bytes
 from gluon_bert.cli import main
 from gluon_bert.data import (SNLIFormatError, Vocab, WikiTextDataset, pad_bert_inputs,
                              read_snli, read_wiki)
@@ -38,12 +38,6 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setenv('GLUON_BERT_HOME', str(tmp_path / 'cache'))
     monkeypatch.delenv('GLUON_BERT_OFFLINE', raising=False)
     return dl.DATA_HUB
-
-
-@pytest.fixture
-def server():
-    with local_server() as srv:
-        yield srv
 
 
 @pytest.fixture

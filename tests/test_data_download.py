@@ -6,18 +6,12 @@ import os
 
 import pytest
 
-from data_fixtures import local_server, zip_bytes
+from data_fixtures import zip_bytes
 # `gluon_bert.data.download` is also the name of the function re-exported by the package.
 dl = importlib.import_module("gluon_bert.data.download")
 
 DATA = os.urandom(3_000_000)
 SHA1 = hashlib.sha1(DATA).hexdigest()
-
-
-@pytest.fixture
-def server():
-    with local_server() as srv:
-        yield srv
 
 
 @pytest.fixture

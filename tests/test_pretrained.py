@@ -12,7 +12,7 @@ import numpy as onp
 import pytest
 from mxnet import init
 
-from data_fixtures import local_server, zip_bytes
+from data_fixtures import zip_bytes
 from gluon_bert import load_pretrained
 from gluon_bert.config import BERTConfig
 from gluon_bert.model import BERTModel
@@ -33,12 +33,6 @@ def book_zip(tmp_path, name='bert.tiny', preset='tiny', vocab=TOKENS, truncate=F
     data = zip_bytes({f'{name}/vocab.json': json.dumps(vocab),
                       f'{name}/pretrained.params': open(params, 'rb').read()})
     return (data[:len(data) // 2] if truncate else data), net
-
-
-@pytest.fixture
-def server():
-    with local_server() as srv:
-        yield srv
 
 
 @pytest.fixture

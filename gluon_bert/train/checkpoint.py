@@ -18,7 +18,6 @@ checkpoint falls back to the one before it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..config import BERTConfig
+from ..data.download import sha1_file
 from ..errors import CheckpointError, RunFolderError
 
 __all__ = ['save_checkpoint', 'latest_checkpoint', 'read_state', 'CheckpointError',
@@ -54,14 +54,6 @@ def _write_json(path, data):
         # allow_nan=False: NaN is not JSON; the loop never checkpoints a non-finite loss
         json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
         f.write('\n')
-
-
-def _sha1(path):
-    h = hashlib.sha1()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_params(path: str, params: Mapping[str, np.ndarray]) -> None:
@@ -97,7 +89,7 @@ def save_checkpoint(run_dir: str, step: int, params: Mapping[str, np.ndarray],
         files = sorted(os.listdir(tmp))
         _write_json(os.path.join(tmp, MANIFEST), {
             name: {'bytes': os.path.getsize(os.path.join(tmp, name)),
-                   'sha1': _sha1(os.path.join(tmp, name))} for name in files})
+                   'sha1': sha1_file(os.path.join(tmp, name))} for name in files})
         # flush: every file, then the folder, is on disk before it gets its name
         for name in os.listdir(tmp):
             with open(os.path.join(tmp, name), 'rb') as f:
@@ -146,7 +138,7 @@ def checkpoint_problem(path: str, verify: bool = False) -> str | None:
             return f'missing {name}'
         if os.path.getsize(file) != entry['bytes']:
             return f'{name} has {os.path.getsize(file)} bytes, the manifest {entry["bytes"]}'
-        if verify and _sha1(file) != entry['sha1']:
+        if verify and sha1_file(file) != entry['sha1']:
             return f'{name} does not match its SHA-1 (corrupt)'
     return None
 

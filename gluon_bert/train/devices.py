@@ -102,6 +102,8 @@ class Placement:
     kind: str = 'none'          # the --kvstore it was made from
     rank: int = 0
     num_workers: int = 1
+    # the metric keys this process has initialised in the KVStore
+    _keys: set = dataclasses.field(default_factory=set, init=False, repr=False)
 
     @property
     def is_chief(self) -> bool:
@@ -130,9 +132,6 @@ class Placement:
         self.kvstore.push(key, flat.copy())  # push overwrites its input with the sum
         self.kvstore.pull(key, out=out)
         return out.asnumpy().reshape(values.shape)
-
-    def __post_init__(self):
-        self._keys = set()
 
 
 def place(devices: str | None, kind: str | None) -> Placement:

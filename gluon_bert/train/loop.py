@@ -109,6 +109,17 @@ def _check_devices(cfg: TrainConfig):
     check_kvstore(cfg.kvstore, parse_contexts(cfg.devices))
 
 
+def _load_data(cfg: TrainConfig, vocab=None):
+    """((train loader, eval loader or None), vocab) of the task; pretraining builds the
+    book's vocabulary from the corpus when none is given."""
+    if cfg.task == 'pretrain':
+        from .pretrain import load_pretraining_data
+        loader, vocab = load_pretraining_data(cfg, vocab)
+        return (loader, None), vocab
+    from .finetune import load_finetuning_data
+    return load_finetuning_data(cfg, vocab), vocab
+
+
 def initial_state(cfg: TrainConfig):
     """(BERTConfig, params, vocab, (train loader, eval loader or None)) that a fresh run,
     in any framework, starts from: the same weights and the same batches."""
@@ -117,16 +128,15 @@ def initial_state(cfg: TrainConfig):
     from ..model import BERTClassifier, BERTModel
     from ..ports.convert import mxnet_params
     if cfg.task == 'pretrain':
-        from .pretrain import load_pretraining_data
         BERTConfig.from_preset(cfg.preset, vocab_size=1).check_max_len(cfg.max_len)
-        loader, vocab = load_pretraining_data(cfg)
+        loaders, vocab = _load_data(cfg)
         config = BERTConfig.from_preset(cfg.preset, vocab_size=len(vocab))
         net = BERTModel(config)
         mx.random.seed(cfg.seed, ctx='all')  # the initial weights are a function of the seed
         net.initialize(init.Xavier())
-        return config, mxnet_params(net), vocab, (loader, None)
+        return config, mxnet_params(net), vocab, loaders
     from ..pretrained import load_pretrained
-    from .finetune import OUTPUT_INIT, load_finetuning_data
+    from .finetune import OUTPUT_INIT
     if not cfg.init:
         raise ConfigError('fine-tuning needs --init: a pretraining run folder, bert.small, '
                           'bert.base, or a zip/folder in the book\'s layout')
@@ -135,7 +145,7 @@ def initial_state(cfg: TrainConfig):
     clf = BERTClassifier(bert)
     mx.random.seed(cfg.seed, ctx='all')  # the new output layer's weights follow the seed
     clf.output.initialize(OUTPUT_INIT)
-    return bert.config, mxnet_params(clf), vocab, load_finetuning_data(cfg, vocab)
+    return bert.config, mxnet_params(clf), vocab, _load_data(cfg, vocab)[0]
 
 
 def _resume_point(cfg: TrainConfig, resume: bool, given):
@@ -194,7 +204,6 @@ def _train(cfg, placement, resume, progress, stop_after, given, start):
 
     # setup: the resume point, the model's weights and optimizer state, the data
     ckpt, state, cfg, changes = _resume_point(cfg, resume, given)
-    _check_devices(cfg)
     if cfg.framework == 'mxnet':
         if placement is None:  # one process: the run's own devices, known once resumed
             placement = place(cfg.devices, cfg.kvstore)
@@ -211,12 +220,7 @@ def _train(cfg, placement, resume, progress, stop_after, given, start):
         config, vocab = load_config(ckpt), Vocab.load(os.path.join(ckpt, 'vocab.json'))
         config.check_max_len(cfg.max_len)
         params, optimizer_state = load_params(ckpt), load_optimizer_state(ckpt)
-        if cfg.task == 'pretrain':
-            from .pretrain import load_pretraining_data
-            loaders = (load_pretraining_data(cfg, vocab)[0], None)
-        else:
-            from .finetune import load_finetuning_data
-            loaders = load_finetuning_data(cfg, vocab)
+        loaders, _ = _load_data(cfg, vocab)
     else:
         config, params, vocab, loaders = start or initial_state(cfg)
         optimizer_state = None
