@@ -6,7 +6,7 @@
     gluon-bert evaluate RUN         accuracy of a fine-tuned classifier on an SNLI split
     gluon-bert predict RUN P H      label + probabilities for a premise/hypothesis pair
     gluon-bert compare TASK         the same experiment in MXNet, PyTorch and JAX
-    gluon-bert bench                time the training step: ours, the book's, PyTorch, JAX
+    gluon-bert bench --suite issue10  benchmark ours, the book's code, GluonNLP, PyTorch, JAX
     gluon-bert download NAME...     fetch WikiText-2, SNLI or a book checkpoint into the cache
     gluon-bert launch -n N -- CMD   run CMD as a distributed job (KVStore or Horovod)
 """
@@ -53,6 +53,9 @@ def _add_train_args(p, task):
     h.add_argument('--warmup-steps', type=int)
     h.add_argument('--schedule', choices=('constant', 'linear', 'cosine'))
     h.add_argument('--clip-norm', type=float)
+    h.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'),
+                   help='compute dtype (weights stay float32): bfloat16 on CPUs with '
+                        'avx512_bf16/AMX or GPUs, float16 on GPUs (with loss scaling)')
     h.add_argument('--log-interval', type=int)
     h.add_argument('--checkpoint-interval', type=int)
     h.add_argument('--pad-to', choices=('max_len', 'longest'))
@@ -97,19 +100,50 @@ def build_parser():
     _add_train_args(p, 'both')
     p.set_defaults(out_dir=None)
 
-    p = sub.add_parser('bench', help='time the training step in each framework')
-    p.add_argument('--frameworks', default='mxnet,d2l,torch,jax',
-                   help='from mxnet, d2l (the book\'s code), torch, torch.compile, jax')
+    p = sub.add_parser('bench', help='benchmark ours, the book\'s code, GluonNLP, PyTorch, JAX',
+                       description='Each variant in its own process on the same weights and '
+                                   'batch; `--suite issue10` runs every workload and checks '
+                                   'the targets of issue 10 (`--quick`: tiny, for CI).')
+    p.add_argument('--suite', choices=('issue10',),
+                   help='a whole suite: workloads x variants x train/infer x step/loop, with '
+                        'a markdown table, a plot and the targets under --results-dir')
+    p.add_argument('--quick', action='store_true',
+                   help='the suite shrunk to the tiny preset, 1 warm-up and 2 timed steps, '
+                        '1 round (implies --suite issue10)')
+    p.add_argument('--frameworks', '--variants', dest='variants',
+                   help='d2l-mxnet, d2l-pytorch, ours-imperative, ours-hybrid, ours-bucketed, '
+                        'gluonnlp, torch-eager, torch-compile, jax-jit (or mxnet, d2l, torch, '
+                        'torch.compile, jax); default: mxnet,d2l,torch,jax, a suite: all')
+    p.add_argument('--workloads', help='a suite\'s workloads to run (default: all): '
+                                       'pretrain-book, finetune-small-128, '
+                                       'finetune-small-512, finetune-base')
+    p.add_argument('--repeats', type=int, help='rounds back to back (default 1; a suite 3)')
+    p.add_argument('--allocator', choices=('tuned', 'system'),
+                   help="workers' allocator: glibc tuned as gluon-bert runs (default) or "
+                        "glibc's defaults (GLUON_BERT_MALLOC=system sets the default)")
+    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                   help='for ours-* (other variants are float32 only)')
+    p.add_argument('--modes', help='train,infer (default: train; a suite both)')
+    p.add_argument('--timeout', type=float, help='seconds per worker (default 1800; a suite '
+                                                 '3600, --quick 600)')
     p.add_argument('--task', choices=('pretrain', 'finetune'), default='pretrain')
     p.add_argument('--preset', default='d2l.pretrain')
     p.add_argument('--vocab-size', type=int, default=20256)
     p.add_argument('--batch-size', type=int, default=512)
     p.add_argument('--seq-len', type=int, default=64)
-    p.add_argument('--steps', type=int, default=10)
-    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--num-preds', type=int, default=10, help='MLM predictions per sequence')
+    p.add_argument('--steps', type=int, help='timed steps (default 10; a suite: per workload)')
+    p.add_argument('--warmup', type=int, help='warm-up steps (default 2; a suite: per workload)')
+    p.add_argument('--loop-steps', type=int, help='a suite\'s whole loops: timed steps')
+    p.add_argument('--base-batch-size', type=int, help='finetune-base batch (default 8)')
+    p.add_argument('--data-dir', help='folder with wikitext-2/ and snli/ for the whole loops '
+                                      '(default: ../shared/data if present, else the sample)')
     p.add_argument('--devices')
+    p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default='experiments/results/bench.jsonl',
                    help='JSON lines file to append to ("" for none)')
+    p.add_argument('--results-dir', default='experiments/results',
+                   help='where a suite writes bench_<suite>.md and .png')
 
     p = sub.add_parser('evaluate', help='accuracy of a fine-tuned classifier')
     p.add_argument('run', help='fine-tuning run or checkpoint folder')
@@ -206,11 +240,45 @@ def cmd_compare(args):
 
 
 def cmd_bench(args):
-    from .bench import format_rows, run_bench
-    rows = run_bench(frameworks=tuple(args.frameworks.split(',')), task=args.task,
+    from .bench import format_rows, format_targets, run_bench, run_suite
+    from .errors import ConfigError
+    for flag in ('repeats', 'steps', 'warmup', 'loop_steps', 'base_batch_size'):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == 'warmup' else 1):
+            raise ConfigError(f'--{flag.replace("_", "-")} must be a positive integer, got '
+                              f'{value}')
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError(f'--timeout must be positive, got {args.timeout:g}')
+    variants = tuple(args.variants.split(',')) if args.variants else None
+    modes = tuple(args.modes.split(',')) if args.modes else None
+    bad = [m for m in modes or () if m not in ('train', 'infer')]
+    if bad:
+        raise ConfigError(f'unknown mode(s) {", ".join(bad)}; choose from train, infer')
+    if args.suite or args.quick:
+        result = run_suite(args.suite or 'issue10', quick=args.quick, variants=variants,
+                           workloads=args.workloads.split(',') if args.workloads else None,
+                           repeats=args.repeats, allocator=args.allocator, dtype=args.dtype,
+                           modes=modes or ('train', 'infer'), out=args.out or None,
+                           results_dir=args.results_dir or None, timeout=args.timeout,
+                           devices=args.devices, seed=args.seed,
+                           data_root=args.data_dir or 'auto',
+                           base_batch_size=args.base_batch_size, steps=args.steps,
+                           warmup=args.warmup, loop_steps=args.loop_steps)
+        print(format_targets(result['targets']))
+        for path in (result['markdown'], result['plot']):
+            if path:
+                print(path)
+        return
+    if args.workloads:
+        raise ConfigError('--workloads chooses within a suite: add --suite issue10')
+    rows = run_bench(frameworks=variants or ('mxnet', 'd2l', 'torch', 'jax'), task=args.task,
                      preset=args.preset, vocab_size=args.vocab_size, batch_size=args.batch_size,
-                     seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
-                     devices=args.devices, out=args.out or None)
+                     seq_len=args.seq_len, num_preds=args.num_preds,
+                     steps=10 if args.steps is None else args.steps,
+                     warmup=2 if args.warmup is None else args.warmup, devices=args.devices,
+                     seed=args.seed, out=args.out or None, modes=modes or ('train',),
+                     repeats=args.repeats or 1, allocator=args.allocator, dtype=args.dtype,
+                     timeout=args.timeout or 1800, progress=True)
     print(format_rows(rows))
 
 
