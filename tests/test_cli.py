@@ -166,9 +166,15 @@ def test_bench_times_ours_and_the_books_step(tmp_path, capsys):
                  '--batch-size', '8', '--seq-len', '16', '--steps', '2', '--warmup', '1',
                  '--out', str(out)]) == 0
     rows = [json.loads(l) for l in out.read_text().splitlines()]
+    peak = [r for r in rows if r['workload'] == 'matmul-peak']
+    rows = [r for r in rows if r['workload'] != 'matmul-peak']
     assert [r['framework'] for r in rows] == ['mxnet', 'd2l']
+    assert [r['variant'] for r in rows] == ['ours-hybrid', 'd2l-mxnet']
     assert all(r['examples_per_sec'] > 0 and r['versions']['mxnet'] == '1.9.1' for r in rows)
-    assert not mx.util.is_np_array()  # the book's numpy mode did not leak out
+    pids = {r['worker_pid'] for r in rows}  # each variant in a process of its own
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert peak and peak[0]['matmul_peak']['float32_gflops'] > 0
+    assert not mx.util.is_np_array()  # the book's numpy mode stays in its own process
     assert '| d2l |' in capsys.readouterr().out
 
 
@@ -262,7 +268,8 @@ def test_the_command_tunes_glibcs_allocator_unless_told_not_to(tmp_path, malloc)
                         '--steps', '2', '--warmup', '1', '--out', str(out)],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    row = json.loads(out.read_text())
+    row = [json.loads(l) for l in out.read_text().splitlines()][-1]  # after the matmul peak
+    assert row['variant'] == 'ours-hybrid' and row['allocator'] == malloc
     from gluon_bert.cli import GLIBC_TUNABLES
     assert row['environment'].get('GLIBC_TUNABLES') == (GLIBC_TUNABLES if malloc == 'tuned'
                                                         else None)

@@ -251,6 +251,8 @@ def run_measurements(rounds_plan, repeats=1, out=DEFAULT_OUT, timeout=1800, devi
                             devices=devices, seed=seed, data_root=data_root)
                 _progress(progress, f'[{done}/{total}] {_describe(m)} ...')
                 result = run_worker(spec, env, timeout, folder, worker)
+                if 'pid' in result:
+                    row['worker_pid'] = result['pid']
                 if 'error' not in result and 'skipped' not in result:
                     row.update(_figures(m, result, inputs[w.name], peak))
                     row['matmul_peak'] = peak
