@@ -175,7 +175,8 @@ KVSTORES = ('device', 'local', 'none', 'dist_sync', 'dist_device_sync', 'dist_as
 # it runs (losses are normalised by the global batch, so the devices do not change the
 # result). Everything else is the checkpoint's.
 RESUME_CHANGEABLE = ('num_steps', 'num_epochs', 'log_interval', 'checkpoint_interval',
-                     'devices', 'kvstore')
+                     'devices', 'kvstore', 'dtype')
+DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +211,7 @@ class TrainConfig:
     holdout: int = 0                # >0: hold out this many train pairs as the eval set
     train_limit: int = 0            # >0: use only this many training examples
     framework: str = 'mxnet'
+    dtype: str = 'float32'          # compute dtype; weights and optimizer stay float32
 
     def __post_init__(self):
         """Every setting is checked here, before a run reads data or writes anything."""
@@ -244,6 +246,11 @@ class TrainConfig:
             raise bad('kvstore', 'one of ' + ', '.join(KVSTORES))
         if self.framework not in FRAMEWORKS:
             raise bad('framework', 'one of ' + ', '.join(FRAMEWORKS))
+        if self.dtype not in DTYPES:
+            raise bad('dtype', 'one of ' + ', '.join(DTYPES))
+        if self.dtype != 'float32' and self.framework == 'jax':
+            raise ConfigError(f'--dtype {self.dtype} is for the MXNet model and the torch '
+                              'port; the JAX port trains in float32')
         if self.kvstore == 'dist_async':
             raise ConfigError('--kvstore dist_async applies updates on the servers, where '
                               'this package cannot clip gradients or save the optimizer state '

@@ -226,6 +226,8 @@ def _train(cfg, placement, resume, progress, stop_after, given, start):
         optimizer_state = None
     train_loader, eval_loader = loaders
     extra = dict(placement=placement) if cfg.framework == 'mxnet' else {}
+    if cfg.dtype != 'float32':
+        extra['dtype'] = cfg.dtype
     runner = make_runner(cfg.framework, config, params, task=cfg.task, lr=cfg.lr,
                          seed=cfg.seed, clip_norm=cfg.clip_norm, **extra)
     if optimizer_state:

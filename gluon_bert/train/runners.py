@@ -131,7 +131,8 @@ class MXNetRunner(_Runner):
     name = 'mxnet'
 
     def __init__(self, config: BERTConfig, params, task='pretrain', lr=1e-3, seed=0,
-                 devices=None, clip_norm=None, kvstore='device', placement=None):
+                 devices=None, clip_norm=None, kvstore='device', placement=None,
+                 hybridize=True, dtype='float32'):
         import mxnet as mx
         from ..model import BERTClassifier, BERTModel
         from .devices import place
@@ -142,10 +143,16 @@ class MXNetRunner(_Runner):
         self._steps = 0
         self.placement = placement or place(devices, kvstore)
         self.contexts = self.placement.contexts
+        # precision: amp rewrites the operators of graphs built from here on
+        from .precision import LossScale, check_dtype, use_mixed_precision
+        check_dtype(dtype, self.contexts)
+        use_mixed_precision(dtype)
+        self.dtype = dtype
         self.net = BERTModel(config) if task == 'pretrain' else BERTClassifier(config)
         self.net.initialize(ctx=mx.cpu())
         _load_params(self.net, params, self.contexts)
-        self.net.hybridize(static_alloc=True, static_shape=True)
+        if hybridize:  # `hybridize=False` runs imperatively (benchmarks compare the two)
+            self.net.hybridize(static_alloc=True, static_shape=True)
         if self.placement.kind == 'horovod':
             self.trainer = _horovod_trainer(self.net, lr)
         else:
@@ -160,7 +167,8 @@ class MXNetRunner(_Runner):
             mx.nd.waitall()
         step_cls = PretrainStep if task == 'pretrain' else FinetuneStep
         self.step = step_cls(self.net, self.trainer, self.contexts, clip_norm,
-                             self.placement.rank, self.placement.num_workers)
+                             self.placement.rank, self.placement.num_workers,
+                             loss_scale=LossScale() if dtype == 'float16' else None)
         # the trainer's parameter index -> the stable name (optimizer state is keyed by it)
         by_id = {id(p): n for n, p in self.net._collect_params_with_prefix().items()}
         self._names = {i: by_id[id(p)] for i, p in enumerate(self.trainer._params)}
@@ -278,12 +286,15 @@ class TorchRunner(_Runner):
     """The PyTorch port behind the runner interface.
 
     `compile=True` wraps forward and loss in `torch.compile` (the first steps of every new
-    batch shape then take seconds to compile).
+    batch shape then take seconds to compile). `dtype` 'bfloat16' or 'float16' runs forward
+    and loss under `torch.autocast` (weights and Adam stay float32); float16 adds a
+    `GradScaler`, whose overflow check reads one flag back per step.
     """
     name = 'torch'
 
     def __init__(self, config: BERTConfig, params: Mapping[str, np.ndarray], task='pretrain',
-                 lr=1e-3, seed=0, device=None, compile=False, clip_norm=None):
+                 lr=1e-3, seed=0, device=None, compile=False, clip_norm=None,
+                 dtype='float32'):
         import torch
         from ..ports import torch_bert
         _check_task(task)
@@ -300,6 +311,12 @@ class TorchRunner(_Runner):
         self.model.to(self.device)
         self.optimizer = torch_bert.MXNetAdam(self.model.parameters(), lr=lr)
         self._loss_fn = torch.compile(self._losses) if compile else self._losses
+        if dtype not in ('float32', 'bfloat16', 'float16'):
+            raise ConfigError(f'dtype must be float32, bfloat16 or float16, got {dtype!r}')
+        self.dtype = dtype
+        self._autocast = dict(device_type=self.device.type, enabled=dtype != 'float32',
+                              dtype=getattr(torch, dtype))
+        self._scaler = torch.amp.GradScaler(self.device.type) if dtype == 'float16' else None
         if compile:
             self.name = 'torch.compile'
 
@@ -332,14 +349,22 @@ class TorchRunner(_Runner):
         # dropout masks come from torch's global generator
         self._torch.manual_seed(step_seed(self.seed, self._next_step(step)))
         self.model.train()
-        loss, metrics = self._loss_fn(self._batch(batch))
+        with self._torch.autocast(**self._autocast):
+            loss, metrics = self._loss_fn(self._batch(batch))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler = self._scaler
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)  # clip the true gradients
         if self.clip_norm:
             # no error check: no read-back of the norm, so no device sync
             self._torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm,
                                                  error_if_nonfinite=False)
-        self.optimizer.step()
+        if scaler is None:
+            self.optimizer.step()
+        else:  # skipped when the scaled gradients overflowed; the scale adapts
+            scaler.step(self.optimizer)
+            scaler.update()
         return {k: v.detach() for k, v in metrics.items()}
 
     def read_metrics(self, pending):

@@ -15,8 +15,8 @@ import mxnet as mx
 import numpy as onp
 from mxnet import autograd, gluon
 
-__all__ = ['split_batch', 'mlm_loss', 'nsp_loss', 'PretrainStep', 'FinetuneStep',
-           'make_trainer']
+__all__ = ['split_batch', 'mlm_loss', 'nsp_loss', 'PretrainObjective', 'FinetuneObjective',
+           'PretrainStep', 'FinetuneStep', 'make_trainer']
 
 
 def split_batch(batch: dict[str, onp.ndarray], keys, contexts, rank: int = 0,
@@ -37,24 +37,90 @@ def split_batch(batch: dict[str, onp.ndarray], keys, contexts, rank: int = 0,
         lo, hi = bounds[rank * n + i], bounds[rank * n + i + 1]
         if hi == lo:
             continue
-        shards.append(tuple(mx.nd.array(batch[k][lo:hi], ctx=ctx, dtype=batch[k].dtype)
-                            for k in keys))
+        shards.append(tuple(_as_nd(batch[k][lo:hi], ctx) for k in keys))
     return shards
 
 
+def _as_nd(array: onp.ndarray, ctx) -> mx.nd.NDArray:
+    """A host array as an NDArray on `ctx`, without blocking the Python thread.
+
+    `mx.nd.array` copies synchronously: it waits until an engine worker is free, i.e.
+    for the previous step's running operator, so host work between steps stalls. On the
+    CPU the array is shared instead (DLPack, zero copy; the NDArray keeps the numpy array
+    alive, and batches are never written after they are built); elsewhere it is copied
+    by the engine, asynchronously."""
+    host = mx.nd.from_numpy(onp.ascontiguousarray(array), zero_copy=True)
+    return host if ctx == host.context else host.copyto(ctx)
+
+
+def _mlm_ce(F, mlm_Y_hat, mlm_labels, mlm_weights):
+    """Summed cross-entropy at the predicted positions, weighted by mlm_weights (0 for
+    padding predictions). mlm_Y_hat (B, P, V), labels and weights (B, P) -> (1,)."""
+    logp = F.log_softmax(mlm_Y_hat, axis=-1)                    # (B, P, V)
+    ce = -F.pick(logp, mlm_labels, axis=-1)                     # (B, P)
+    return F.sum(ce * mlm_weights, axis=None, keepdims=False)
+
+
+def _ce(F, logits, labels):
+    """Summed cross-entropy of a classifier. logits (B, C), labels (B,) -> (1,)."""
+    return F.sum(-F.pick(F.log_softmax(logits, axis=-1), labels, axis=-1))
+
+
 def mlm_loss(mlm_Y_hat, mlm_labels, mlm_weights, total_weight):
-    """The book's MLM loss: cross-entropy at predicted positions weighted by mlm_weights
-    (0 for padding predictions), divided by the number of real predictions in the whole
-    batch. mlm_Y_hat (B, P, V), labels and weights (B, P)."""
-    logp = mx.nd.log_softmax(mlm_Y_hat, axis=-1)               # (B, P, V)
-    ce = -mx.nd.pick(logp, mlm_labels, axis=-1)                 # (B, P)
-    return (ce * mlm_weights).sum() / (total_weight + 1e-8)
+    """The book's MLM loss: cross-entropy at predicted positions weighted by mlm_weights,
+    divided by the number of real predictions in the whole batch (imperative form; the
+    steps compute the same inside their static graph, `PretrainObjective`)."""
+    return _mlm_ce(mx.nd, mlm_Y_hat, mlm_labels, mlm_weights) / (total_weight + 1e-8)
 
 
 def nsp_loss(nsp_Y_hat, nsp_labels, batch_size):
     """Mean cross-entropy of next-sentence prediction over the global batch."""
-    ce = -mx.nd.pick(mx.nd.log_softmax(nsp_Y_hat, axis=-1), nsp_labels, axis=-1)  # (B,)
-    return ce.sum() / batch_size
+    return _ce(mx.nd, nsp_Y_hat, nsp_labels) / batch_size
+
+
+class PretrainObjective(gluon.HybridBlock):
+    """BERTModel and the book's MLM + NSP losses as one graph.
+
+    Inside the hybridized graph the losses' large temporaries (log_softmax over the
+    vocabulary: 415 MB at the book's batch of 512) live in the static memory plan, instead
+    of being allocated (and faulted in) by imperative operators at every step.
+    `norms` (2,) holds 1 / (real predictions in the global batch) and 1 / (global batch
+    size), so that the losses are global means whatever the shard."""
+
+    def __init__(self, net, **kwargs):
+        super().__init__(**kwargs)
+        self.net = net
+
+    def hybrid_forward(self, F, tokens, segments, valid_lens, positions, weights, mlm_labels,
+                       nsp_labels, norms):
+        _, mlm_Y_hat, nsp_Y_hat = self.net(tokens, segments, valid_lens, positions)
+        mlm = _mlm_ce(F, mlm_Y_hat, mlm_labels, weights) * F.slice_axis(norms, 0, 0, 1)
+        nsp = _ce(F, nsp_Y_hat, nsp_labels) * F.slice_axis(norms, 0, 1, 2)
+        return mlm, nsp                                          # (1,), (1,)
+
+
+class FinetuneObjective(gluon.HybridBlock):
+    """BERTClassifier, its summed cross-entropy and its number of correct predictions as
+    one graph (see `PretrainObjective`)."""
+
+    def __init__(self, net, **kwargs):
+        super().__init__(**kwargs)
+        self.net = net
+
+    def hybrid_forward(self, F, tokens, segments, valid_lens, labels):
+        logits = self.net(tokens, segments, valid_lens)                       # (B, C)
+        hits = F.broadcast_equal(F.argmax(logits, axis=-1), F.cast(labels, 'float32'))
+        return _ce(F, logits, labels), F.BlockGrad(F.sum(hits))               # (1,), (1,)
+
+
+def _objective(cls, net):
+    """The objective around `net`, hybridized as `net` is (static memory when it is)."""
+    objective = cls(net)
+    if getattr(net, '_active', False):
+        flags = dict(net._flags)
+        objective.hybridize(static_alloc=bool(flags.get('static_alloc', True)),
+                            static_shape=bool(flags.get('static_shape', True)))
+    return objective
 
 
 def make_trainer(params, lr, kvstore, optimizer='adam', weight_decay=0.0):
@@ -70,28 +136,45 @@ def make_trainer(params, lr, kvstore, optimizer='adam', weight_decay=0.0):
 class _Step:
     keys: tuple = ()
 
-    def __init__(self, net, trainer, contexts, clip_norm=None, rank=0, num_workers=1):
+    def __init__(self, net, trainer, contexts, clip_norm=None, rank=0, num_workers=1,
+                 loss_scale=None):
         self.net = net
+        self.loss_scale = loss_scale  # float16: a `precision.LossScale`, else None
         self.trainer = trainer
         self.contexts = list(contexts)
         self.clip_norm = clip_norm
         self.rank, self.num_workers = rank, num_workers  # this worker's slice of each batch
         self.params = [p for p in trainer._params if p.grad_req != 'null']
 
+    def _backward(self, heads):
+        # float16: gradients of the loss times the loss scale (undone in _update)
+        if self.loss_scale is None:
+            autograd.backward(heads)
+        else:
+            scale = self.loss_scale.scale
+            autograd.backward(heads, head_grads=[mx.nd.full(h.shape, scale, ctx=h.context)
+                                                 for h in heads])
+
     def _update(self, step_scale):
         # reduce: sum gradients across devices (KVStore), then clip the global norm
         self.trainer.allreduce_grads()
+        loss_scale = 1.0
+        if self.loss_scale is not None:
+            loss_scale = self.loss_scale.scale
+            if self.loss_scale.overflowed([p.list_grad()[0] for p in self.params]):
+                return  # float16 overflow: skip this update (the scale was halved)
         if self.clip_norm:
             grads = [p.list_grad()[0] for p in self.params]
             # check_isfinite=False: no read-back, so no device synchronisation here.
-            gluon.utils.clip_global_norm(grads, self.clip_norm, check_isfinite=False)
+            gluon.utils.clip_global_norm(grads, self.clip_norm * loss_scale,
+                                         check_isfinite=False)
             if len(self.contexts) > 1:  # every device applies the same clipped update
                 for p in self.params:
                     g = p.list_grad()
                     for other in g[1:]:
                         g[0].copyto(other)
         # update: parameters that got no gradient (unused heads) are skipped, not an error
-        self.trainer.update(step_scale, ignore_stale_grad=True)
+        self.trainer.update(step_scale * loss_scale, ignore_stale_grad=True)
 
 
 class PretrainStep(_Step):
@@ -99,20 +182,23 @@ class PretrainStep(_Step):
     keys = ('tokens', 'segments', 'valid_lens', 'pred_positions', 'mlm_weights',
             'mlm_labels', 'nsp_labels')
 
+    def __init__(self, net, *args, **kwargs):
+        super().__init__(net, *args, **kwargs)
+        self.objective = _objective(PretrainObjective, net)
+
     def __call__(self, batch):
-        # batch: split the numpy batch across devices; global normalisers from the host copy
-        total_weight = float(batch['mlm_weights'].sum())
-        batch_size = len(batch['tokens'])
+        # batch: global normalisers from the host copy, then one shard per device
+        norms = onp.array([1.0 / (float(batch['mlm_weights'].sum()) + 1e-8),
+                           1.0 / len(batch['tokens'])], dtype='float32')
         shards = split_batch(batch, self.keys, self.contexts, self.rank, self.num_workers)
-        mlm_ls, nsp_ls, totals = [], [], []
-        # forward + loss + backward: one graph per device, all launched without waiting
+        mlm_ls, nsp_ls = [], []
+        # forward + loss, then backward: one graph per device, launched without waiting
         with autograd.record():
-            for (tokens, segments, valid_lens, positions, weights, mlm_y, nsp_y) in shards:
-                _, mlm_Y_hat, nsp_Y_hat = self.net(tokens, segments, valid_lens, positions)
-                mlm_ls.append(mlm_loss(mlm_Y_hat, mlm_y, weights, total_weight))
-                nsp_ls.append(nsp_loss(nsp_Y_hat, nsp_y, batch_size))
-                totals.append(mlm_ls[-1] + nsp_ls[-1])
-        autograd.backward(totals)
+            for shard, ctx in zip(shards, self.contexts):
+                mlm, nsp = self.objective(*shard, _as_nd(norms, ctx))
+                mlm_ls.append(mlm)
+                nsp_ls.append(nsp)
+        self._backward(mlm_ls + nsp_ls)
         # step: losses are already global means
         self._update(1)
         ctx0 = self.contexts[0]
@@ -124,17 +210,20 @@ class FinetuneStep(_Step):
     """Cross-entropy for BERTClassifier. Returns (loss sum, number correct) arrays."""
     keys = ('tokens', 'segments', 'valid_lens', 'labels')
 
+    def __init__(self, net, *args, **kwargs):
+        super().__init__(net, *args, **kwargs)
+        self.objective = _objective(FinetuneObjective, net)
+
     def __call__(self, batch):
         batch_size = len(batch['tokens'])
         shards = split_batch(batch, self.keys, self.contexts, self.rank, self.num_workers)
         losses, correct = [], []
         with autograd.record():
-            for tokens, segments, valid_lens, labels in shards:
-                logits = self.net(tokens, segments, valid_lens)
-                ce = -mx.nd.pick(mx.nd.log_softmax(logits, axis=-1), labels, axis=-1)
-                losses.append(ce.sum())
-                correct.append((logits.argmax(axis=-1) == labels.astype('float32')).sum())
-        autograd.backward(losses)
+            for shard in shards:
+                loss, hits = self.objective(*shard)
+                losses.append(loss)
+                correct.append(hits)
+        self._backward(losses)
         # step: gradients of the summed loss, divided by the global batch size
         self._update(batch_size)
         ctx0 = self.contexts[0]
