@@ -46,7 +46,7 @@ def test_every_worker_gets_the_same_allocator_setting(monkeypatch):
     monkeypatch.delenv('LD_PRELOAD', raising=False)
     env, label = harness.worker_env('tuned')
     assert label == 'tuned' and env['GLIBC_TUNABLES'] == GLIBC_TUNABLES
-    assert env['OMP_NUM_THREADS']
+    assert env['OMP_NUM_THREADS'] and env['OMP_WAIT_POLICY']
     env, label = harness.worker_env('system')
     assert label == 'system' and 'GLIBC_TUNABLES' not in env
     monkeypatch.setenv('LD_PRELOAD', '/usr/lib/libjemalloc.so.2')  # the user's own choice

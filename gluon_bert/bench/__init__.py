@@ -17,9 +17,10 @@ shipped sample).
 
 How it measures. The parent writes the initial weights and one synthetic batch per workload
 (same seed) to files; each measurement runs in a fresh worker (`python -m
-gluon_bert.bench.worker`) with the same environment: OMP_NUM_THREADS as `gluon-bert` sets it
-and glibc's allocator tuned as `gluon-bert` runs (`cli.GLIBC_TUNABLES`; `--allocator system`
-for glibc's defaults). A worker warms up, then times each step with an explicit sync before
+gluon_bert.bench.worker`) with the same environment: OMP_NUM_THREADS as `gluon-bert` sets it,
+OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep: spinning ones made steps up to 100x
+slower on a shared 2-core machine; yours wins if set) and glibc's allocator tuned as
+`gluon-bert` runs (`cli.GLIBC_TUNABLES`; `--allocator system` for glibc's defaults). A worker warms up, then times each step with an explicit sync before
 the timer stops (`mx.nd.waitall()`, `torch.cuda.synchronize()` on CUDA,
 `block_until_ready()`), and records getrusage over the timed steps (minor page faults and
 system seconds per step, peak RSS). Each round also times MXNet's FullyConnected at 2048^3

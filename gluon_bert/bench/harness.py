@@ -1,8 +1,9 @@
 """The parent side: inputs written once, one worker process per measurement, rounds, rows.
 
 Every worker gets the same environment (the allocator setting `gluon-bert` itself runs
-with, unless --allocator system, and the same OMP_NUM_THREADS), the same initial weights and
-the same batch, from files this process writes once per workload.
+with, unless --allocator system, the same OMP_NUM_THREADS and OMP_WAIT_POLICY=PASSIVE unless
+set), the same initial weights and the same batch, from files this process writes once per
+workload.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def default_allocator():
 
 
 def worker_env(allocator='tuned'):
-    """(environment, allocator label) for a worker. 'tuned': glibc's allocator as
+    """(environment, allocator label) for a worker, the same for all of them. 'tuned':
+    glibc's allocator as
     `gluon-bert` sets it (cli.GLIBC_TUNABLES), unless the user chose an allocator of their
     own ('custom'); 'system': glibc's defaults."""
     from ..cli import GLIBC_TUNABLES
@@ -61,6 +63,10 @@ def worker_env(allocator='tuned'):
                           f'{allocator!r}')
     env = dict(os.environ)
     env.setdefault('OMP_NUM_THREADS', str(os.cpu_count() or 1))  # as `gluon-bert` does
+    # Idle OpenMP threads sleep rather than spin (yours wins if set). On a shared 2-core
+    # machine spinning threads made a tiny MXNet step 100x slower whenever another process
+    # held a core (1,500 ms against 14 ms measured here), for every OpenMP framework.
+    env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     env['PYTHONPATH'] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get('PYTHONPATH')) if p)
     if allocator == 'system':
         env.pop('GLIBC_TUNABLES', None)

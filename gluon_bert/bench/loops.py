@@ -101,6 +101,8 @@ def _ours_loop(spec, w, config, params, notes):
     rates = [r[key] for r in summary['history'] if r.get(key)]
     if cfg.task == 'finetune' and cfg.bucket:
         notes.append("length-bucketed batches (pad_to='longest')")
+        if variant == 'jax-jit':
+            notes.append('jax.jit compiles the step once for every new batch shape')
     return dict(rate=rates[-1] if rates else None, first_rate=rates[0] if rates else None,
                 intervals=rates, steps=summary['step'], data=_data_name(data, w),
                 examples=loaders[0].num_examples)

@@ -152,10 +152,9 @@ class Measurement:
 
 
 def plan(workloads, variants, modes=('train', 'infer'), scopes=('step', 'loop'),
-         dtype='float32', extras=()) -> list[Measurement]:
-    """The measurements of one round, in order: workload by workload, then variant.
-    `extras` are (workload name, variant, mode, scope, dtype, allocator) added after their
-    workload (the suite's bf16 and stock-allocator runs)."""
+         dtype='float32') -> list[Measurement]:
+    """The measurements of one round, in order: workload by workload, then variant; a
+    variant without a whole loop gets a row that says why, once."""
     out = []
     for w in workloads:
         for v in variants:
@@ -177,7 +176,4 @@ def plan(workloads, variants, modes=('train', 'infer'), scopes=('step', 'loop'),
                     continue
                 for mode in modes:
                     out.append(Measurement(w, v, mode, 'step', dtype))
-        for name, v, mode, scope, dt, alloc in extras:
-            if name == w.name and v in variants:
-                out.append(Measurement(w, v, mode, scope, dt, alloc))
     return out
