@@ -12,6 +12,7 @@ examples per second of wall time, batch building included.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import shutil
@@ -77,14 +78,19 @@ def _fit_vocab(config, params, vocab_len, task, seed, notes):
 def _ours_loop(spec, w, config, params, notes):
     from ..train.loop import train
     variant = spec['variant']
-    if variant == 'ours-hybrid' and spec.get('dtype', 'float32') != 'float32':
-        runner_options(spec['dtype'])  # Skip until MXNetRunner takes a dtype
-        raise Skip('TrainConfig has no dtype option yet')
+    dtype = spec.get('dtype', 'float32')
+    if dtype != 'float32':
+        from ..config import TrainConfig
+        runner_options(dtype)  # Skip until MXNetRunner takes a dtype
+        if 'dtype' not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            raise Skip('TrainConfig has no dtype option yet')
     data = _data_dir(spec.get('data_root'), w.data)
     out_dir = tempfile.mkdtemp(prefix='bench-loop-')
     try:
         cfg = _train_config(w, variant, data, os.path.join(out_dir, 'run'),
                             spec.get('devices'), spec.get('seed', 0))
+        if dtype != 'float32':
+            cfg = cfg.replace(dtype=dtype)
         if w.task == 'pretrain':
             from .. train.pretrain import load_pretraining_data
             loader, vocab = load_pretraining_data(cfg)
