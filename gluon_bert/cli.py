@@ -53,6 +53,9 @@ def _add_train_args(p, task):
     h.add_argument('--warmup-steps', type=int)
     h.add_argument('--schedule', choices=('constant', 'linear', 'cosine'))
     h.add_argument('--clip-norm', type=float)
+    h.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'),
+                   help='compute dtype (weights stay float32): bfloat16 on CPUs with '
+                        'avx512_bf16/AMX or GPUs, float16 on GPUs (with loss scaling)')
     h.add_argument('--log-interval', type=int)
     h.add_argument('--checkpoint-interval', type=int)
     h.add_argument('--pad-to', choices=('max_len', 'longest'))

@@ -25,7 +25,8 @@ __all__ = ['main', 'time_steps', 'matmul_peak', 'initial_params', 'versions', 'e
 # what moves these numbers, recorded with every row
 ENV_KEYS = ('GLIBC_TUNABLES', 'MALLOC_CONF', 'LD_PRELOAD', 'OMP_NUM_THREADS',
             'OMP_WAIT_POLICY', 'GLUON_BERT_MALLOC', 'MXNET_EXEC_BULK_EXEC_TRAIN',
-            'MXNET_ENGINE_TYPE', 'XLA_FLAGS', 'CUDA_VISIBLE_DEVICES')
+            'MXNET_ENGINE_TYPE', 'XLA_FLAGS', 'CUDA_VISIBLE_DEVICES', 'DNNL_MAX_CPU_ISA',
+            'ONEDNN_MAX_CPU_ISA', 'GLUON_BERT_AMX')
 
 
 def environment():
@@ -150,6 +151,10 @@ def main(argv=None):
         return 2
     with open(argv[0], encoding='utf-8') as f:
         spec = json.load(f)
+    # AMX for bfloat16 matrix products, as the training commands get it (float32 kernels
+    # do not use AMX): before any framework runs its first kernel
+    from ..train.precision import enable_amx
+    enable_amx()
     from .variants import Skip
     try:
         result = measure(spec)

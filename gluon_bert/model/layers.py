@@ -17,6 +17,7 @@ autograd history), so gradients flow through the boundary unchanged.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import mxnet as mx
 from mxnet.gluon import nn
@@ -131,13 +132,17 @@ class LayerNorm(LegacyBoundary, nn.LayerNorm):
         mean_w = F.reshape(ones_row, shape=(H, 1)) / H              # (1, H) -> (H, 1)
         # (..., H) . (H, 1) -> (..., 1): the mean; (..., 1) . (1, H) -> (..., H): broadcast
         centered = data - F.dot(F.dot(data, mean_w), ones_row)      # (..., H)
-        var = F.dot(F.square(centered), mean_w)                     # (..., 1)
-        normed = centered * F.dot(F.rsqrt(var + self._epsilon), ones_row)  # (..., H)
+        # centered / sqrt(var + eps) = sqrt(H) * centered / sqrt(sum(centered^2) + H * eps):
+        # L2Normalization (one fused operator each way) over the last axis of (rows, H)
+        rows = F.reshape(centered, shape=(-1, H))                   # (..., H) -> (rows, H)
+        unit = F.L2Normalization(rows, mode='instance', eps=H * self._epsilon)
+        normed = F.reshape_like(unit, centered)                     # (rows, H) -> (..., H)
         # gamma and beta broadcast by (..., 1) . (1, H): their gradients are matrix
-        # products over all rows, not slow reductions
-        ones = F.ones_like(var)                                     # (..., 1)
-        scale = F.dot(ones, F.reshape(gamma, shape=(1, H)))         # (..., H)
-        shift = F.dot(ones, F.reshape(beta, shape=(1, H)))          # (..., H)
+        # products over all rows, not slow reductions; sqrt(H) rides on the ones
+        # (the ones come through BlockGrad: no gradient flows back along them)
+        ones = F.ones_like(F.slice_axis(F.BlockGrad(data), axis=-1, begin=0, end=1))  # (..., 1)
+        scale = F.dot(ones * math.sqrt(H), F.reshape(gamma, shape=(1, H)))  # (..., H)
+        shift = F.dot(ones, F.reshape(beta, shape=(1, H)))                  # (..., H)
         return normed * scale + shift
 
 
