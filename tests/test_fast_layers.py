@@ -40,13 +40,15 @@ def assert_close(got, ref, rtol=RTOL, what=''):
 
 @pytest.mark.parametrize('shape', [(7, 24), (3, 5, 32)], ids=['2d', '3d'])
 @pytest.mark.parametrize('eps', [1e-5, 1e-12])
-def test_layer_norm_matches_mxnets_operator(shape, eps, hybridize):
+@pytest.mark.parametrize('spread', [20.0, 3e-3], ids=['wide', 'eps-sized'])
+def test_layer_norm_matches_mxnets_operator(shape, eps, spread, hybridize):
     rs = onp.random.RandomState(1)
     H = shape[-1]
-    # rows of very different spreads (x e^N(0,1) x 20) and offsets (N(0, 30)): centring
-    # and scaling both matter
-    x = (rs.randn(*shape) * onp.exp(rs.randn(*shape[:-1], 1)) * 20
-         + rs.randn(*shape[:-1], 1) * 30).astype('float32')
+    # rows of very different spreads (x e^N(0,1)) and offsets: centring and scaling both
+    # matter; at spread 3e-3 the variance is about eps = 1e-5, so eps must be where
+    # MXNet puts it (var + eps)
+    x = (rs.randn(*shape) * onp.exp(rs.randn(*shape[:-1], 1)) * spread
+         + rs.randn(*shape[:-1], 1) * 1.5 * spread).astype('float32')
     gamma = (1 + 0.5 * rs.randn(H)).astype('float32')
     beta = rs.randn(H).astype('float32')
     head = rs.randn(*shape).astype('float32')
