@@ -33,6 +33,10 @@ def compare(task, frameworks=FRAMEWORKS, out_dir='runs/compare', progress=None, 
     cfg = TrainConfig.for_task(task, out_dir=out_dir, **settings)
     for fw in frameworks:  # refuse before anything runs, not after the first framework
         cfg.replace(framework=fw)  # validates the settings for that framework
+        if fw == 'mxnet':  # and the dtype against the devices
+            from .train.devices import parse_contexts
+            from .train.precision import check_dtype
+            check_dtype(cfg.dtype, parse_contexts(cfg.devices))
     start = initial_state(cfg)
     results, skipped = {}, {}
     for fw in frameworks:

@@ -126,10 +126,6 @@ def test_bf16_first_step_and_outputs_close_to_float32(mxnet_runs, task):
 
 
 @needs_bf16
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    'MXNetRunner.predict under bfloat16 returns MXNet\'s bfloat16 structured numpy dtype '
-    '[("bfloat16", "<u2")], on which numpy cannot compute (argmax: "data type not '
-    'ordered"); it should cast to float32 before asnumpy()'))
 @pytest.mark.parametrize('task', ['pretrain', 'finetune'])
 def test_bf16_predict_returns_float32_arrays(mxnet_runs, task):
     _, bf16 = mxnet_runs(task)
@@ -259,9 +255,6 @@ def test_float16_on_cpu_leaves_no_run_folder(float16_refusals, command):
 
 
 @cpu_only
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    'compare makes --out-dir (the parent of its per-framework run folders) and leaves it '
-    'empty when a run is refused: RunFolder removes only the folder it made, <out-dir>/mxnet'))
 def test_float16_compare_leaves_no_folder(float16_refusals):
     assert float16_refusals('compare')[2] is False
 
@@ -309,16 +302,9 @@ def test_check_dtype_by_device(monkeypatch):
 
 # -- the PyTorch port under autocast -------------------------------------------------------------
 
-TORCH_FP16_BUG = ('torch_bert.masked_softmax fills masked scores with -1e6, which float16 '
-                  'cannot hold: "value cannot be converted to type c10::Half without '
-                  'overflow" (gluon_bert/ports/torch_bert.py:42); use '
-                  'torch.finfo(scores.dtype).min or compute the softmax in float32')
-
-
 @pytest.mark.parametrize('task', ['pretrain', 'finetune'])
 @pytest.mark.parametrize('dtype', [
-    'bfloat16', pytest.param('float16', marks=pytest.mark.xfail(
-        strict=True, raises=RuntimeError, reason=TORCH_FP16_BUG))])
+    'bfloat16', 'float16'])
 def test_torch_autocast_trains_close_to_float32(task, dtype):
     torch = pytest.importorskip('torch')
     from gluon_bert.train.runners import TorchRunner

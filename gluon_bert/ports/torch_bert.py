@@ -39,7 +39,10 @@ def masked_softmax(scores, valid_lens):
     positions = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.float32)
     # (L,) against (B*h, 1, 1) -> (B*h, 1, L): the same key mask for every query row
     keep = positions < valid_lens.to(torch.float32).reshape(-1, 1, 1)
-    return F.softmax(scores.masked_fill(~keep, -1e6), dim=-1)
+    # -1e6 where the dtype holds it (float32, bfloat16), else its most negative value
+    # (float16 under autocast: -65504, whose exp is 0 all the same)
+    fill = max(-1e6, torch.finfo(scores.dtype).min)
+    return F.softmax(scores.masked_fill(~keep, fill), dim=-1)
 
 
 class Dense(nn.Linear):

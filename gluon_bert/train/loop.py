@@ -102,11 +102,14 @@ def _finetune_row(rows, step, epoch, lr, rate):
 # -- setup ------------------------------------------------------------------------------------
 
 def _check_devices(cfg: TrainConfig):
-    """Device list and KVStore errors before any data is read."""
+    """Device list, KVStore and dtype errors before any data is read."""
     if cfg.framework != 'mxnet':
         return
     from .devices import check_kvstore, parse_contexts
-    check_kvstore(cfg.kvstore, parse_contexts(cfg.devices))
+    from .precision import check_dtype
+    contexts = parse_contexts(cfg.devices)
+    check_kvstore(cfg.kvstore, contexts)
+    check_dtype(cfg.dtype, contexts)
 
 
 def _load_data(cfg: TrainConfig, vocab=None):

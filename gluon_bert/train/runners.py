@@ -198,13 +198,15 @@ class MXNetRunner(_Runner):
         ctx = self.contexts[0]
         args = [mx.nd.array(batch[k], ctx=ctx, dtype=batch[k].dtype)
                 for k in ('tokens', 'segments', 'valid_lens')]
+        def host(a):  # float32 numpy whatever the compute dtype (numpy has no bfloat16)
+            return a.astype('float32').asnumpy()
         if self.task == 'finetune':
-            return self.net(*args).asnumpy()
+            return host(self.net(*args))
         positions = batch.get('pred_positions')
         if positions is not None:
             args.append(mx.nd.array(positions, ctx=ctx, dtype=positions.dtype))
         _, mlm, nsp = self.net(*args)
-        return (None if mlm is None else mlm.asnumpy()), nsp.asnumpy()
+        return (None if mlm is None else host(mlm)), host(nsp)
 
     def evaluate(self, loader):
         from .finetune import count_correct  # this worker's devices, one read-back
