@@ -1,6 +1,10 @@
 """gluon-bert: the BERT chapters of Dive into Deep Learning in MXNet Gluon."""
 __version__ = '0.1.0'
 
+from .cpu import tune_openblas as _tune_openblas
+
+_tune_openblas()  # before MXNet loads its OpenBLAS (a no-op once it has)
+
 
 def load_pretrained(*args, **kwargs):
     """(BERTModel, Vocab) from bert.small, bert.base, a zip or a folder: see gluon_bert.pretrained."""

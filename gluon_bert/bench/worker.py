@@ -26,7 +26,7 @@ __all__ = ['main', 'time_steps', 'matmul_peak', 'initial_params', 'versions', 'e
 ENV_KEYS = ('GLIBC_TUNABLES', 'MALLOC_CONF', 'LD_PRELOAD', 'OMP_NUM_THREADS',
             'OMP_WAIT_POLICY', 'GLUON_BERT_MALLOC', 'MXNET_EXEC_BULK_EXEC_TRAIN',
             'MXNET_ENGINE_TYPE', 'XLA_FLAGS', 'CUDA_VISIBLE_DEVICES', 'DNNL_MAX_CPU_ISA',
-            'ONEDNN_MAX_CPU_ISA', 'GLUON_BERT_AMX')
+            'ONEDNN_MAX_CPU_ISA', 'GLUON_BERT_AMX', 'OPENBLAS_CORETYPE', 'GLUON_BERT_OPENBLAS')
 
 
 def environment():
@@ -153,7 +153,7 @@ def main(argv=None):
         spec = json.load(f)
     # AMX for bfloat16 matrix products, as the training commands get it (float32 kernels
     # do not use AMX): before any framework runs its first kernel
-    from ..train.precision import enable_amx
+    from ..cpu import enable_amx
     enable_amx()
     from .variants import Skip
     try:

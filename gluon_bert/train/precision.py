@@ -19,61 +19,14 @@ a process trains in one dtype: `use_mixed_precision` refuses a second, different
 """
 from __future__ import annotations
 
-import ctypes
-import os
-import platform
-
 from ..config import DTYPES
+from ..cpu import cpu_flags, enable_amx
 from ..errors import ConfigError
 
 __all__ = ['DTYPES', 'check_dtype', 'use_mixed_precision', 'active_dtype', 'enable_amx',
            'cpu_flags', 'LossScale']
 
 _active = None  # the dtype amp was initialised with in this process
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux), e.g. {'avx512_bf16', 'amx_bf16', ...}."""
-    try:
-        with open('/proc/cpuinfo', encoding='utf-8') as f:
-            for line in f:
-                if line.startswith('flags'):
-                    return set(line.split(':', 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def enable_amx() -> bool:
-    """Let MXNet's oneDNN use AMX for bfloat16 matrix products, where the CPU has it.
-
-    MXNet 1.9.1 ships oneDNN 2.4.4, which can use AMX only when told to
-    (`DNNL_MAX_CPU_ISA=AVX512_CORE_AMX`) and does not itself ask Linux for the permission
-    to use AMX's tile registers (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`);
-    without that permission its AMX kernels die with SIGILL. This asks for the permission
-    and sets the variable only when it was granted. Measured here (2 threads, 2048^3):
-    bfloat16 `FullyConnected` at about 80 GFLOP/s without AMX, 615 with it; float32 at 145.
-
-    Call it before MXNet runs its first oneDNN primitive: oneDNN fixes its instruction
-    set then. The user's own `DNNL_MAX_CPU_ISA` / `ONEDNN_MAX_CPU_ISA`, or
-    `GLUON_BERT_AMX=0`, are left alone. Returns whether AMX is enabled."""
-    if os.environ.get('GLUON_BERT_AMX', '1') == '0':
-        return False
-    if 'amx_bf16' not in cpu_flags() or platform.system() != 'Linux':
-        return False
-    set_by_user = os.environ.get('DNNL_MAX_CPU_ISA') or os.environ.get('ONEDNN_MAX_CPU_ISA')
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18  # x86-64 Linux
-        granted = libc.syscall(arch_prctl, req_xcomp_perm, xtiledata) == 0
-    except (OSError, AttributeError):
-        granted = False
-    if not granted:
-        return False
-    if not set_by_user:
-        os.environ['DNNL_MAX_CPU_ISA'] = 'AVX512_CORE_AMX'
-    return (os.environ.get('DNNL_MAX_CPU_ISA') or os.environ.get('ONEDNN_MAX_CPU_ISA')) \
-        == 'AVX512_CORE_AMX'
 
 
 def check_dtype(dtype: str, contexts=None) -> None:
