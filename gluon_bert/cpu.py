@@ -49,18 +49,6 @@ def tune_openblas(environ=None) -> str | None:
     return None
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux), e.g. {'avx512_bf16', 'amx_bf16', ...}."""
-    try:
-        with open('/proc/cpuinfo', encoding='utf-8') as f:
-            for line in f:
-                if line.startswith('flags'):
-                    return set(line.split(':', 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def enable_amx() -> bool:
     """Let MXNet's oneDNN use AMX for bfloat16 matrix products, where the CPU has it.
 
@@ -76,8 +64,9 @@ def enable_amx() -> bool:
     against 2.16-2.41 s, 4 runs each alternating), so it is asked for at import, for every
     dtype. Forked processes inherit the permission; an exec'd child that inherits the
     variable must ask again (importing `gluon_bert` does). Call it before MXNet runs its
-    first oneDNN primitive: oneDNN fixes its instruction set then. The user's own `DNNL_MAX_CPU_ISA` / `ONEDNN_MAX_CPU_ISA`, or
-    `GLUON_BERT_AMX=0`, are left alone. Returns whether AMX is enabled."""
+    first oneDNN primitive: oneDNN fixes its instruction set then. The user's own
+    `DNNL_MAX_CPU_ISA` / `ONEDNN_MAX_CPU_ISA`, or `GLUON_BERT_AMX=0`, are left alone.
+    Returns whether AMX is enabled."""
     if os.environ.get('GLUON_BERT_AMX', '1') == '0':
         return False
     if 'amx_bf16' not in cpu_flags() or platform.system() != 'Linux':

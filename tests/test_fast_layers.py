@@ -25,6 +25,8 @@ from gluon_bert.model.layers import LayerNorm
 from gluon_bert.train.step import (FinetuneStep, PretrainStep, _as_nd, make_trainer,
                                    mlm_loss, nsp_loss, split_batch)
 
+from batches import pretrain_batch
+
 RTOL = 2e-5  # of an array's scale
 
 
@@ -244,21 +246,12 @@ def test_positional_embedding_as_broadcast_add_through_the_blocks(hybridize, bat
 
 # -- the losses inside the step ------------------------------------------------------------------
 
+
 VOCAB = 60
 
 
 def _pretrain_batch(rs, B=8, L=12, P=3):
-    valid = rs.randint(P + 2, L + 1, B)
-    tokens = rs.randint(5, VOCAB, (B, L)).astype('int32')
-    for b, n in enumerate(valid):
-        tokens[b, n:] = 0
-    return dict(tokens=tokens, segments=(rs.rand(B, L) > .5).astype('int32'),
-                valid_lens=valid.astype('float32'),
-                pred_positions=onp.stack([rs.choice(n, P, replace=False)
-                                          for n in valid]).astype('int32'),
-                mlm_weights=(rs.rand(B, P) > .3).astype('float32'),
-                mlm_labels=rs.randint(0, VOCAB, (B, P)).astype('int32'),
-                nsp_labels=rs.randint(0, 2, B).astype('int32'))
+    return pretrain_batch(rs, B, L, P, vocab=VOCAB, drop=0.3)
 
 
 def _finetune_batch(rs, B=8, L=12):

@@ -14,20 +14,11 @@ from gluon_bert.train import (PretrainStep, latest_checkpoint, learning_rate, ma
                               parse_contexts, pretrain, save_checkpoint)
 from gluon_bert.train.checkpoint import CheckpointError
 
+from batches import pretrain_batch
+
 VOCAB = 60
 
 
-def pretrain_batch(rs, B=8, L=12, P=3):
-    valid = rs.randint(P + 2, L + 1, B)
-    tokens = rs.randint(5, VOCAB, (B, L)).astype('int32')
-    for b, n in enumerate(valid):
-        tokens[b, n:] = 0
-    return dict(tokens=tokens, segments=(rs.rand(B, L) > .5).astype('int32'),
-                valid_lens=valid.astype('float32'),
-                pred_positions=onp.stack([rs.choice(n, P, replace=False) for n in valid]).astype('int32'),
-                mlm_weights=(rs.rand(B, P) > .2).astype('float32'),
-                mlm_labels=rs.randint(0, VOCAB, (B, P)).astype('int32'),
-                nsp_labels=rs.randint(0, 2, B).astype('int32'))
 
 
 def run_steps(contexts, kvstore, batches, clip_norm=None):
