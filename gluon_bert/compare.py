@@ -29,14 +29,11 @@ def _available(framework):
 
 
 def compare(task, frameworks=FRAMEWORKS, out_dir='runs/compare', progress=None, **settings):
-    from .train.loop import initial_state, train
+    from .train.loop import check_devices, initial_state, train
     cfg = TrainConfig.for_task(task, out_dir=out_dir, **settings)
     for fw in frameworks:  # refuse before anything runs, not after the first framework
-        cfg.replace(framework=fw)  # validates the settings for that framework
-        if fw == 'mxnet':  # and the dtype against the devices
-            from .train.devices import parse_contexts
-            from .train.precision import check_dtype
-            check_dtype(cfg.dtype, parse_contexts(cfg.devices))
+        # the settings for that framework, then its devices, KVStore and dtype
+        check_devices(cfg.replace(framework=fw))
     start = initial_state(cfg)
     results, skipped = {}, {}
     for fw in frameworks:

@@ -8,6 +8,7 @@ loaded yet) and `enable_amx`. Each leaves a user's own setting alone and has an 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import sys
@@ -15,16 +16,17 @@ import sys
 __all__ = ['cpu_flags', 'enable_amx', 'tune_openblas']
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux), e.g. {'avx512_bf16', 'amx_bf16', ...}."""
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux), e.g. {'avx512_bf16', 'amx_bf16', ...}; read once."""
     try:
         with open('/proc/cpuinfo', encoding='utf-8') as f:
             for line in f:
                 if line.startswith('flags'):
-                    return set(line.split(':', 1)[1].split())
+                    return frozenset(line.split(':', 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def tune_openblas(environ=None) -> str | None:

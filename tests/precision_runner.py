@@ -157,14 +157,14 @@ def cli(argv, batch, out):
 def amx(cases):
     """enable_amx() once per case, in order, each with the environment variables of the
     case set (a value of null: unset) -> [{'enabled', the ISA variables afterwards}]."""
-    from gluon_bert.train import precision
+    from gluon_bert import cpu
     names = ('GLUON_BERT_AMX', 'DNNL_MAX_CPU_ISA', 'ONEDNN_MAX_CPU_ISA')
     out = []
     for case in cases:
         for name in names:
             os.environ.pop(name, None)
         os.environ.update({k: v for k, v in case.items() if v is not None})
-        enabled = precision.enable_amx()
+        enabled = cpu.enable_amx()
         out.append(dict(enabled=enabled, **{n: os.environ.get(n) for n in names[1:]}))
     return out
 

@@ -137,6 +137,14 @@ def _time_second_half(batches, step, n_steps):
     return count / (time.perf_counter() - start), seen
 
 
+def _book_batches(train_iter, epochs=1000):
+    """(batch, size) from the book's DataLoader over and over: the book's pretraining
+    iterators yield lists of arrays, the first of them the token ids (B, L)."""
+    for _ in range(epochs):
+        for batch in train_iter:
+            yield batch, batch[0].shape[0]
+
+
 def _epochs(loader, epochs=2):
     for epoch in range(epochs):
         loader.set_epoch(epoch)
@@ -218,10 +226,7 @@ def _book_mxnet_loop(spec, w, config, params, data, tmp, notes):
         notes.append("the book's data pipeline (d2l.load_data_wiki) and step; timed with "
                      'the batch loading, not step-only as the book prints')
 
-        def batches():
-            for _ in range(1000):
-                for batch in train_iter:
-                    yield batch, batch[0].shape[0]
+        batches = lambda: _book_batches(train_iter)  # noqa: E731
 
         def step(batch):
             book_mxnet_pretrain_step(d2l, net, loss, trainer, len(vocab), ctxs, list(batch))
@@ -265,10 +270,7 @@ def _book_torch_loop(spec, w, config, params, data, tmp, notes):
         notes.append("the book's data pipeline (d2l.load_data_wiki, its DataLoader workers) "
                      'and step; timed with the batch loading')
 
-        def batches():
-            for _ in range(1000):
-                for batch in train_iter:
-                    yield batch, batch[0].shape[0]
+        batches = lambda: _book_batches(train_iter)  # noqa: E731
 
         def step(batch):
             net.train()

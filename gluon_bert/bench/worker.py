@@ -151,10 +151,6 @@ def main(argv=None):
         return 2
     with open(argv[0], encoding='utf-8') as f:
         spec = json.load(f)
-    # AMX for bfloat16 matrix products, as the training commands get it (float32 kernels
-    # do not use AMX): before any framework runs its first kernel
-    from ..cpu import enable_amx
-    enable_amx()
     from .variants import Skip
     try:
         result = measure(spec)

@@ -36,7 +36,7 @@ from .logs import RunLog, get_logger, plot_history, progress_bar
 from .runfolder import RunFolder
 from .schedule import learning_rate
 
-__all__ = ['train', 'initial_state', 'run_average', 'Window']
+__all__ = ['train', 'initial_state', 'check_devices', 'run_average', 'Window']
 
 
 def run_average(history, key):
@@ -101,8 +101,9 @@ def _finetune_row(rows, step, epoch, lr, rate):
 
 # -- setup ------------------------------------------------------------------------------------
 
-def _check_devices(cfg: TrainConfig):
-    """Device list, KVStore and dtype errors before any data is read."""
+def check_devices(cfg: TrainConfig):
+    """Device list, KVStore and dtype errors before any data is read (`train`, and
+    `compare` before it builds the data every framework shares)."""
     if cfg.framework != 'mxnet':
         return
     from .devices import check_kvstore, parse_contexts
@@ -190,7 +191,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool | None = None,
     vocab, loaders) from `initial_state`, so that `compare` gives each framework the same.
     `stop_after` ends the run after that many updates of this call, as an interruption
     would (tests use it)."""
-    _check_devices(cfg)  # before the folder is touched or any data read
+    check_devices(cfg)  # before the folder is touched or any data read
     placement = None
     if cfg.framework == 'mxnet' and cfg.kvstore in DISTRIBUTED:
         # joins the job (its scheduler) now: the rank decides who writes the run folder

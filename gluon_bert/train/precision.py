@@ -9,8 +9,8 @@ precision, with casts inserted before it; everything else (softmax, LayerNorm, d
 losses) stays in float32, and so do the parameters, their gradients and Adam's state.
 Checkpoints therefore hold float32 weights whatever the run's dtype, and load anywhere.
 
-- bfloat16 runs on CPUs with avx512_bf16 (and many times faster with AMX: see `enable_amx`)
-  and on GPUs; it has float32's range, so it needs no loss scaling.
+- bfloat16 runs on CPUs with avx512_bf16 (and many times faster with AMX, which
+  `import gluon_bert` enables: `cpu.enable_amx`) and on GPUs; it has float32's range, so it needs no loss scaling.
 - float16 needs a GPU: MXNet 1.9.1 has no float16 `FullyConnected` on the CPU. Its small
   range needs loss scaling (`LossScale`), which costs one read-back per step.
 
@@ -20,11 +20,10 @@ a process trains in one dtype: `use_mixed_precision` refuses a second, different
 from __future__ import annotations
 
 from ..config import DTYPES
-from ..cpu import cpu_flags, enable_amx
+from ..cpu import cpu_flags
 from ..errors import ConfigError
 
-__all__ = ['DTYPES', 'check_dtype', 'use_mixed_precision', 'active_dtype', 'enable_amx',
-           'cpu_flags', 'LossScale']
+__all__ = ['DTYPES', 'check_dtype', 'use_mixed_precision', 'active_dtype', 'LossScale']
 
 _active = None  # the dtype amp was initialised with in this process
 
@@ -39,8 +38,7 @@ def check_dtype(dtype: str, contexts=None) -> None:
     if dtype == 'float16' and not on_gpu:
         raise ConfigError('--dtype float16 needs GPUs: MXNet 1.9.1 has no float16 matrix '
                           'product on the CPU; use --dtype bfloat16 there')
-    if dtype == 'bfloat16' and not on_gpu and 'avx512_bf16' not in cpu_flags() \
-            and 'amx_bf16' not in cpu_flags():
+    if dtype == 'bfloat16' and not on_gpu and not {'avx512_bf16', 'amx_bf16'} & cpu_flags():
         raise ConfigError('--dtype bfloat16 needs a CPU with avx512_bf16 or AMX (this one has '
                           'neither); use --dtype float32')
 
@@ -60,8 +58,6 @@ def use_mixed_precision(dtype: str) -> None:
     if _active is not None or dtype == 'float32':
         raise ConfigError(f'this process already computes in {active_dtype()} (MXNet\'s amp '
                           f'cannot be switched off or changed); run {dtype} in a new process')
-    if dtype == 'bfloat16':
-        enable_amx()
     from mxnet.contrib import amp
     amp.init(target_dtype=dtype)
     _active = dtype
