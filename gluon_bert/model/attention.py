@@ -10,6 +10,7 @@ import math
 
 from mxnet.gluon import nn
 
+from .. import kernels
 from .layers import Dense, Dropout, LegacyBoundary
 
 __all__ = ['masked_softmax', 'MultiHeadAttention']
@@ -83,7 +84,19 @@ class MultiHeadAttention(LegacyBoundary, nn.HybridBlock):
             # Each example's length once per head, in the (B, h) order of _split_heads.
             valid_lens = F.repeat(valid_lens, repeats=self.num_heads, axis=0)  # (B*h,)
         # Scaled after the product, as the book does.
-        scores = F.batch_dot(q, k, transpose_b=True) * self._scale  # (B*h, L, L)
-        weights = masked_softmax(F, scores, valid_lens)               # (B*h, L, L)
-        output = F.batch_dot(self.dropout(weights), v)                # (B*h, L, d)
-        return self.W_o(self._merge_heads(F, output))                 # (B, L, H)
+        scores = self._bmm(F, q, k, transpose_b=True, alpha=self._scale)  # (B*h, L, L)
+        weights = masked_softmax(F, scores, valid_lens)                     # (B*h, L, L)
+        output = self._bmm(F, self.dropout(weights), v)                     # (B*h, L, d)
+        return self.W_o(self._merge_heads(F, output))                       # (B, L, H)
+
+    @staticmethod
+    def _bmm(F, a, b, transpose_b=False, alpha=1.0):
+        """alpha * a . b (or . b^T) per batch item: (N, M, K) x (N, K, P) -> (N, M, P).
+
+        On the CPU gluon-bert's `gb_bmm` kernel: MXNet's `batch_dot` calls OpenBLAS once
+        per (L, d) matrix and runs at a third to a fifth of its speed there."""
+        if kernels.use_here():
+            return F.gb_bmm(kernels.float32(F, a), kernels.float32(F, b),
+                            transpose_b=transpose_b, alpha=alpha)
+        out = F.batch_dot(a, b, transpose_b=transpose_b)
+        return out * alpha if alpha != 1.0 else out

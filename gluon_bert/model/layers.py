@@ -23,6 +23,8 @@ import mxnet as mx
 from mxnet.gluon import nn
 from mxnet.util import is_np_array, np_array, np_shape
 
+from .. import kernels
+
 __all__ = ['legacy_scope', 'LegacyBoundary', 'Dense', 'LayerNorm', 'Embedding', 'Dropout',
            'HybridSequential', 'to_legacy', 'to_numpy']
 
@@ -59,16 +61,23 @@ class LegacyBoundary:
     """
 
     def __call__(self, *args):
+        # The device of the arrays decides which kernels the graph takes (gluon-bert's CPU
+        # kernels, or MXNet's operators elsewhere); symbols (inside a graph being built)
+        # leave the outer call's choice alone.
+        device = next((a.context.device_type for a in args if isinstance(a, mx.nd.NDArray)),
+                      None)
         # A hybridized block caches one graph per pattern of omitted (None) inputs, e.g.
-        # BERTModel with and without pred_positions: rebuild when the pattern changes.
-        pattern = tuple(a is None for a in args)
+        # BERTModel with and without pred_positions, and per device type: rebuild when the
+        # pattern changes.
+        pattern = (tuple(a is None for a in args), device or kernels.current_device())
         if getattr(self, '_active', False) and getattr(self, '_none_pattern', pattern) != pattern:
             self._clear_cached_op()
         self._none_pattern = pattern
-        if not is_np_array():  # already inside a legacy graph (or a legacy caller)
-            return super().__call__(*args)
-        with legacy_scope():
-            out = super().__call__(*to_legacy(args))
+        with kernels.device_scope(pattern[1]):
+            if not is_np_array():  # already inside a legacy graph (or a legacy caller)
+                return super().__call__(*args)
+            with legacy_scope():
+                out = super().__call__(*to_legacy(args))
         return to_numpy(out)
 
     # Parameters are created, loaded and saved as legacy NDArrays in every mode, so that
@@ -114,18 +123,24 @@ class Dense(LegacyBoundary, nn.Dense):
 
 
 class LayerNorm(LegacyBoundary, nn.LayerNorm):
-    """`nn.LayerNorm` over the last axis (same parameters, `gamma` and `beta`), written so
-    that its backward pass is fast on the CPU.
+    """`nn.LayerNorm` over the last axis (same parameters, `gamma` and `beta`), with a fast
+    backward pass on the CPU.
 
     MXNet 1.9.1's `LayerNorm` operator has a fast forward but a slow backward on the CPU:
     its reductions over the leading axes (for the gradients of gamma and beta) run at
     about 1 GB/s; at the book's pretraining batch each LayerNorm's backward took 140 ms,
-    21% of the step. Here every reduction and every broadcast is a `dot` with a vector of
-    ones, so both passes are matrix products and elementwise operators. `dot` stays in
-    float32 under mixed precision (amp casts only FullyConnected to bfloat16), so the
-    statistics keep full precision."""
+    21% of the step. On the CPU this takes gluon-bert's `gb_layer_norm` kernel (11-15 ms
+    forward and backward there; `gluon_bert.kernels`). Where the kernels are not available,
+    every reduction and every broadcast is a `dot` with a vector of ones, so both passes
+    are matrix products and elementwise operators (85 ms). Both compute in float32 under
+    mixed precision, so the statistics keep full precision."""
 
     def hybrid_forward(self, F, data, gamma, beta):
+        if kernels.use_here():
+            return F.gb_layer_norm(kernels.float32(F, data), gamma, beta, eps=self._epsilon)
+        return self._composite(F, data, gamma, beta)
+
+    def _composite(self, F, data, gamma, beta):
         H = self.gamma.shape[0]  # in_channels: every LayerNorm of the package gives it
         # constants made from gamma (amp cannot wrap an operator without inputs)
         ones_row = F.reshape(F.ones_like(gamma), shape=(1, H))      # (H,) -> (1, H)

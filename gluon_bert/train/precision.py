@@ -59,7 +59,10 @@ def use_mixed_precision(dtype: str) -> None:
         raise ConfigError(f'this process already computes in {active_dtype()} (MXNet\'s amp '
                           f'cannot be switched off or changed); run {dtype} in a new process')
     from mxnet.contrib import amp
+    from .. import kernels
+    kernels.load()  # first: loading an operator library would undo amp's patches
     amp.init(target_dtype=dtype)
+    kernels.set_cast_inputs(True)
     _active = dtype
 
 

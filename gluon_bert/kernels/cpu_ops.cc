@@ -1,0 +1,390 @@
+// gluon-bert's CPU kernels: two operators that MXNet 1.9.1's wheel computes slowly on the
+// CPU, as an MXNet extension library (include/mxnet/lib_api.h, loaded with
+// mx.library.load). gluon_bert/kernels/__init__.py compiles this file on the machine that
+// runs it (-march=native) and explains when the model uses it.
+//
+//   gb_bmm(A, B, transpose_a, transpose_b, alpha)  C[n] = alpha * op(A[n]) op(B[n])
+//       A: (N, M, K), or (N, K, M) with transpose_a; B: (N, K, P), or (N, P, K) with
+//       transpose_b; C: (N, M, P). The attention products. MXNet's batch_dot calls its
+//       OpenBLAS once per matrix, and OpenBLAS is slow on BERT's 64x64 heads; here the
+//       batch is shared out among OpenMP threads and each product is one register-blocked
+//       AVX-512 loop.
+//   gb_layer_norm(x, gamma, beta, eps)  y = (x - mean) / sqrt(var + eps) * gamma + beta
+//       over the last axis of x (any rank), gamma and beta (H,). MXNet's LayerNorm backward
+//       reduces the gradients of gamma and beta at about 1 GB/s; here one pass over the rows
+//       per thread, partial sums per thread, summed in a fixed order (deterministic for a
+//       given number of threads).
+//
+// float32 only (lib_api.h has no bfloat16 type): under mixed precision the Python side casts
+// the inputs to float32 first, as amp does for MXNet's own batch_dot and LayerNorm.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "mxnet/lib_api.h"
+
+using mxnet::ext::MXTensor;
+using mxnet::ext::MXReturnValue;
+using mxnet::ext::MX_FAIL;
+using mxnet::ext::MX_SUCCESS;
+using mxnet::ext::OpResource;
+typedef std::unordered_map<std::string, std::string> Attrs;
+typedef std::vector<std::vector<unsigned int>> Shapes;
+
+static bool flag_attr(const Attrs& attrs, const char* key) {
+  auto it = attrs.find(key);
+  return it != attrs.end() && (it->second == "True" || it->second == "1" || it->second == "true");
+}
+
+static float float_attr(const Attrs& attrs, const char* key, float fallback) {
+  auto it = attrs.find(key);
+  return it == attrs.end() ? fallback : std::stof(it->second);
+}
+
+// Inputs of unknown type (-1, while a graph's types are still being inferred) are float32.
+static MXReturnValue all_float32(const char* op, std::vector<int>* in, std::vector<int>* out) {
+  for (int& t : *in) {
+    if (t == -1) t = mxnet::ext::kFloat32;
+    if (t != mxnet::ext::kFloat32) {
+      MX_ERROR_MSG << op << ": float32 inputs only (cast them first)";
+      return MX_FAIL;
+    }
+  }
+  for (auto& t : *out) t = mxnet::ext::kFloat32;
+  return MX_SUCCESS;
+}
+
+// ------------------------------------------------------------------ batched products
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+// One MR x (16 * NV) block of C = alpha * op(A) Bp. op(A)(i, k) = A[i * a_rs + k * a_cs];
+// Bp is op(B) packed K x ldb, row-major, ldb a multiple of 16 and zero padded, so every load
+// is a whole vector; only the last vector's store is masked. MR = 6, NV = 4 keeps 24
+// accumulators, 4 B vectors and a broadcast in the 32 zmm registers.
+template <int MR, int NV>
+static void micro_kernel(const float* A, int64_t a_rs, int64_t a_cs, const float* Bp, int ldb,
+                         int K, float* C, int ldc, float alpha, __mmask16 tail) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int k = 0; k < K; ++k) {
+    __m512 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(Bp + (int64_t)k * ldb + 16 * v);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * a_rs + k * a_cs]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  const __m512 s = _mm512_set1_ps(alpha);
+  for (int r = 0; r < MR; ++r) {
+    float* row = C + (int64_t)r * ldc;
+    for (int v = 0; v < NV - 1; ++v) _mm512_storeu_ps(row + 16 * v, _mm512_mul_ps(acc[r][v], s));
+    _mm512_mask_storeu_ps(row + 16 * (NV - 1), tail, _mm512_mul_ps(acc[r][NV - 1], s));
+  }
+}
+
+typedef void (*micro_kernel_t)(const float*, int64_t, int64_t, const float*, int, int, float*,
+                               int, float, __mmask16);
+#define GB_ROW(mr) {micro_kernel<mr, 1>, micro_kernel<mr, 2>, micro_kernel<mr, 3>, micro_kernel<mr, 4>}
+static const micro_kernel_t kMicroKernels[6][4] = {GB_ROW(1), GB_ROW(2), GB_ROW(3),
+                                                   GB_ROW(4), GB_ROW(5), GB_ROW(6)};
+#undef GB_ROW
+
+// C[n] = alpha * op(A[n]) op(B[n]) for n < N, with op(A) (M, K) and op(B) (K, P).
+static void batched_gemm(const float* A, const float* B, float* C, int64_t N, int M, int K,
+                         int P, bool ta, bool tb, float alpha) {
+  const int ldb = (P + 15) / 16 * 16;
+  const int64_t a_rs = ta ? 1 : K, a_cs = ta ? M : 1;
+#pragma omp parallel
+  {
+    std::vector<float> pack((size_t)K * ldb, 0.f);  // op(B[n]), zero padded to ldb columns
+    float* Bp = pack.data();
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      const float* An = A + n * (int64_t)M * K;
+      const float* Bn = B + n * (int64_t)K * P;
+      float* Cn = C + n * (int64_t)M * P;
+      if (tb) {  // Bn is (P, K): transpose into the pack
+        for (int j = 0; j < P; ++j)
+          for (int k = 0; k < K; ++k) Bp[(int64_t)k * ldb + j] = Bn[(int64_t)j * K + k];
+      } else {
+        for (int k = 0; k < K; ++k)
+          std::memcpy(Bp + (int64_t)k * ldb, Bn + (int64_t)k * P, sizeof(float) * P);
+      }
+      for (int j0 = 0; j0 < P; j0 += 64) {
+        const int width = std::min(64, P - j0), nv = (width + 15) / 16;
+        const int rest = width - 16 * (nv - 1);  // 1..16 columns in the last vector
+        const __mmask16 tail = (__mmask16)((1u << rest) - 1u);
+        for (int i0 = 0; i0 < M; i0 += 6) {
+          const int mr = std::min(6, M - i0);
+          kMicroKernels[mr - 1][nv - 1](An + i0 * a_rs, a_rs, a_cs, Bp + j0, ldb, K,
+                                        Cn + (int64_t)i0 * P + j0, P, alpha, tail);
+        }
+      }
+    }
+  }
+}
+#else
+// Without AVX-512: the same batch split among threads, each product a plain loop that the
+// compiler vectorises (i-k-j order: unit stride over j).
+static void batched_gemm(const float* A, const float* B, float* C, int64_t N, int M, int K,
+                         int P, bool ta, bool tb, float alpha) {
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const float* An = A + n * (int64_t)M * K;
+    const float* Bn = B + n * (int64_t)K * P;
+    float* Cn = C + n * (int64_t)M * P;
+    for (int i = 0; i < M; ++i) {
+      float* row = Cn + (int64_t)i * P;
+      std::fill(row, row + P, 0.f);
+      for (int k = 0; k < K; ++k) {
+        const float a = alpha * (ta ? An[(int64_t)k * M + i] : An[(int64_t)i * K + k]);
+        if (tb) {
+          for (int j = 0; j < P; ++j) row[j] += a * Bn[(int64_t)j * K + k];
+        } else {
+          const float* brow = Bn + (int64_t)k * P;
+          for (int j = 0; j < P; ++j) row[j] += a * brow[j];
+        }
+      }
+    }
+  }
+}
+#endif
+
+struct BmmDims {
+  int64_t N;
+  int M, K, P;
+  bool ta, tb;
+};
+
+static BmmDims bmm_dims(const Attrs& attrs, const MXTensor& a, const MXTensor& b) {
+  BmmDims d;
+  d.ta = flag_attr(attrs, "transpose_a");
+  d.tb = flag_attr(attrs, "transpose_b");
+  d.N = a.shape[0];
+  d.M = static_cast<int>(d.ta ? a.shape[2] : a.shape[1]);
+  d.K = static_cast<int>(d.ta ? a.shape[1] : a.shape[2]);
+  d.P = static_cast<int>(d.tb ? b.shape[1] : b.shape[2]);
+  return d;
+}
+
+static MXReturnValue bmm_parse(const Attrs&, int* num_in, int* num_out) {
+  *num_in = 2;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
+static MXReturnValue bmm_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
+  return all_float32("gb_bmm", in, out);
+}
+
+static MXReturnValue bmm_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
+  const auto& a = (*in)[0];
+  const auto& b = (*in)[1];
+  if (a.size() != 3 || b.size() != 3 || a[0] != b[0]) {
+    MX_ERROR_MSG << "gb_bmm: needs two 3-d inputs with the same batch size";
+    return MX_FAIL;
+  }
+  const bool ta = flag_attr(attrs, "transpose_a"), tb = flag_attr(attrs, "transpose_b");
+  const unsigned M = ta ? a[2] : a[1], K = ta ? a[1] : a[2];
+  const unsigned Kb = tb ? b[2] : b[1], P = tb ? b[1] : b[2];
+  if (K != Kb) {
+    MX_ERROR_MSG << "gb_bmm: inner sizes differ (" << K << " and " << Kb << ")";
+    return MX_FAIL;
+  }
+  (*out)[0] = {a[0], M, P};
+  return MX_SUCCESS;
+}
+
+static MXReturnValue bmm_forward(const Attrs& attrs, std::vector<MXTensor>* in,
+                                 std::vector<MXTensor>* out, const OpResource&) {
+  MXTensor& a = (*in)[0];
+  MXTensor& b = (*in)[1];
+  const BmmDims d = bmm_dims(attrs, a, b);
+  batched_gemm(a.data<float>(), b.data<float>(), (*out)[0].data<float>(), d.N, d.M, d.K, d.P,
+               d.ta, d.tb, float_attr(attrs, "alpha", 1.f));
+  return MX_SUCCESS;
+}
+
+// inputs: dC, A, B (then C, unused); outputs: dA, dB. With C = alpha op(A) op(B):
+// d op(A) = alpha dC op(B)^T and d op(B) = alpha op(A)^T dC, each written in A's and B's
+// own layout.
+static MXReturnValue bmm_backward(const Attrs& attrs, std::vector<MXTensor>* in,
+                                  std::vector<MXTensor>* out, const OpResource&) {
+  const float* dC = (*in)[0].data<float>();
+  MXTensor& a = (*in)[1];
+  MXTensor& b = (*in)[2];
+  const BmmDims d = bmm_dims(attrs, a, b);
+  const float alpha = float_attr(attrs, "alpha", 1.f);
+  const float* A = a.data<float>();
+  const float* B = b.data<float>();
+  float* dA = (*out)[0].data<float>();
+  float* dB = (*out)[1].data<float>();
+  if (!d.ta)  // dA (M, K) = dC (M, P) op(B)^T (P, K)
+    batched_gemm(dC, B, dA, d.N, d.M, d.P, d.K, false, !d.tb, alpha);
+  else        // dA (K, M) = op(B) (K, P) dC^T (P, M)
+    batched_gemm(B, dC, dA, d.N, d.K, d.P, d.M, d.tb, true, alpha);
+  if (!d.tb)  // dB (K, P) = op(A)^T (K, M) dC (M, P)
+    batched_gemm(A, dC, dB, d.N, d.K, d.M, d.P, !d.ta, false, alpha);
+  else        // dB (P, K) = dC^T (P, M) op(A) (M, K)
+    batched_gemm(dC, A, dB, d.N, d.P, d.M, d.K, true, d.ta, alpha);
+  return MX_SUCCESS;
+}
+
+REGISTER_OP(gb_bmm)
+    .setForward(bmm_forward, "cpu")
+    .setBackward(bmm_backward, "cpu")
+    .setParseAttrs(bmm_parse)
+    .setInferType(bmm_type)
+    .setInferShape(bmm_shape);
+
+// ------------------------------------------------------------------------ LayerNorm
+
+static MXReturnValue ln_parse(const Attrs&, int* num_in, int* num_out) {
+  *num_in = 3;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
+static MXReturnValue ln_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
+  return all_float32("gb_layer_norm", in, out);
+}
+
+static MXReturnValue ln_shape(const Attrs&, Shapes* in, Shapes* out) {
+  const auto& x = (*in)[0];
+  if (x.empty()) {
+    MX_ERROR_MSG << "gb_layer_norm: data needs at least one axis";
+    return MX_FAIL;
+  }
+  const unsigned H = x.back();
+  for (int i = 1; i <= 2; ++i) {
+    if ((*in)[i].size() != 1 || (*in)[i][0] != H) {
+      MX_ERROR_MSG << "gb_layer_norm: gamma and beta must have shape (" << H << ",)";
+      return MX_FAIL;
+    }
+  }
+  (*out)[0] = x;
+  return MX_SUCCESS;
+}
+
+// Mean and 1 / sqrt(variance + eps) of one row, in two passes (no cancellation).
+static inline void row_stats(const float* x, int H, float eps, float* mean, float* rstd) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int j = 0; j < H; ++j) sum += x[j];
+  const float m = sum / H;
+  float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+  for (int j = 0; j < H; ++j) {
+    const float c = x[j] - m;
+    sq += c * c;
+  }
+  *mean = m;
+  *rstd = 1.f / std::sqrt(sq / H + eps);
+}
+
+static MXReturnValue ln_forward(const Attrs& attrs, std::vector<MXTensor>* in,
+                                std::vector<MXTensor>* out, const OpResource&) {
+  MXTensor& xt = (*in)[0];
+  const int H = static_cast<int>(xt.shape.back());
+  const int64_t rows = xt.size() / H;
+  const float* x = xt.data<float>();
+  const float* gamma = (*in)[1].data<float>();
+  const float* beta = (*in)[2].data<float>();
+  float* y = (*out)[0].data<float>();
+  const float eps = float_attr(attrs, "eps", 1e-5f);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * H;
+    float* yr = y + r * H;
+    float m, rs;
+    row_stats(xr, H, eps, &m, &rs);
+#pragma omp simd
+    for (int j = 0; j < H; ++j) yr[j] = (xr[j] - m) * rs * gamma[j] + beta[j];
+  }
+  return MX_SUCCESS;
+}
+
+// inputs: dy, x, gamma, beta (then y, unused); outputs: dx, dgamma, dbeta. With
+// xhat = (x - mean) * rstd and g = gamma * dy, per row:
+//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+// and over all rows dgamma = sum(dy * xhat), dbeta = sum(dy). The statistics are recomputed
+// from x (one more read of a row that is in cache anyway) instead of being stored.
+static MXReturnValue ln_backward(const Attrs& attrs, std::vector<MXTensor>* in,
+                                 std::vector<MXTensor>* out, const OpResource& res) {
+  MXTensor& xt = (*in)[1];
+  const int H = static_cast<int>(xt.shape.back());
+  const int64_t rows = xt.size() / H;
+  const float* dy = (*in)[0].data<float>();
+  const float* x = xt.data<float>();
+  const float* gamma = (*in)[2].data<float>();
+  float* dx = (*out)[0].data<float>();
+  float* dgamma = (*out)[1].data<float>();
+  float* dbeta = (*out)[2].data<float>();
+  const float eps = float_attr(attrs, "eps", 1e-5f);
+  const int slots = omp_get_max_threads();
+  // per thread: H partial sums for dgamma, then H for dbeta; unused slots stay zero
+  float* partial = static_cast<float*>(res.alloc_cpu(sizeof(float) * 2 * H * slots));
+  std::fill(partial, partial + (size_t)2 * H * slots, 0.f);
+#pragma omp parallel num_threads(slots)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    float* pg = partial + (size_t)2 * H * t;
+    float* pb = pg + H;
+    const int64_t lo = rows * t / nt, hi = rows * (t + 1) / nt;
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* xr = x + r * H;
+      const float* dyr = dy + r * H;
+      float* dxr = dx + r * H;
+      float m, rs;
+      row_stats(xr, H, eps, &m, &rs);
+      float mean_g = 0.f, mean_gx = 0.f;
+#pragma omp simd reduction(+ : mean_g, mean_gx)
+      for (int j = 0; j < H; ++j) {
+        const float xhat = (xr[j] - m) * rs, g = gamma[j] * dyr[j];
+        mean_g += g;
+        mean_gx += g * xhat;
+        pg[j] += dyr[j] * xhat;
+        pb[j] += dyr[j];
+      }
+      mean_g /= H;
+      mean_gx /= H;
+#pragma omp simd
+      for (int j = 0; j < H; ++j)
+        dxr[j] = rs * (gamma[j] * dyr[j] - mean_g - (xr[j] - m) * rs * mean_gx);
+    }
+  }
+  for (int j = 0; j < H; ++j) {  // the threads' partial sums, in a fixed order
+    float sg = 0.f, sb = 0.f;
+    for (int t = 0; t < slots; ++t) {
+      sg += partial[(size_t)2 * H * t + j];
+      sb += partial[(size_t)2 * H * t + H + j];
+    }
+    dgamma[j] = sg;
+    dbeta[j] = sb;
+  }
+  return MX_SUCCESS;
+}
+
+REGISTER_OP(gb_layer_norm)
+    .setForward(ln_forward, "cpu")
+    .setBackward(ln_backward, "cpu")
+    .setParseAttrs(ln_parse)
+    .setInferType(ln_type)
+    .setInferShape(ln_shape);
+
+MXReturnValue initialize(int version) {
+  // lib_api.h's version 11 is MXNet 1.9's; MXNet passes its own version, e.g. 10901
+  if (version < 10900) {
+    MX_ERROR_MSG << "gluon-bert's kernels need MXNet 1.9 or newer, this is " << version;
+    return MX_FAIL;
+  }
+  return MX_SUCCESS;
+}
