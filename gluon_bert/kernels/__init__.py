@@ -48,7 +48,11 @@ __all__ = ['load', 'status', 'use_here', 'device_scope', 'build', 'cache_dir', '
            'set_cast_inputs']
 
 _SOURCE = Path(__file__).with_name('cpu_ops.cc')
-_FLAGS = ['-O3', '-march=native', '-fopenmp', '-fPIC', '-shared', '-std=c++14']
+# -Bsymbolic: the library's own C++ (lib_api.cc's strings and containers) binds to itself.
+# Without it, in a process that has also loaded Horovod's MXNet library, one of its
+# symbols resolved to another library's copy and every call aborted with
+# "free(): invalid pointer" (in lib_api.cc's _opCallFCompute).
+_FLAGS = ['-O3', '-march=native', '-fopenmp', '-fPIC', '-shared', '-std=c++14', '-Wl,-Bsymbolic']
 
 _state = {'loaded': False, 'tried': False, 'path': None, 'reason': 'not loaded yet'}
 # The device type of the graph being built or run: set by the top-level block's call.

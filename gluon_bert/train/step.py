@@ -15,6 +15,8 @@ import mxnet as mx
 import numpy as onp
 from mxnet import autograd, gluon
 
+from ..model.layers import LegacyBoundary
+
 __all__ = ['split_batch', 'mlm_loss', 'nsp_loss', 'PretrainObjective', 'FinetuneObjective',
            'PretrainStep', 'FinetuneStep', 'make_trainer']
 
@@ -78,14 +80,16 @@ def nsp_loss(nsp_Y_hat, nsp_labels, batch_size):
     return _ce(mx.nd, nsp_Y_hat, nsp_labels) / batch_size
 
 
-class PretrainObjective(gluon.HybridBlock):
+class PretrainObjective(LegacyBoundary, gluon.HybridBlock):
     """BERTModel and the book's MLM + NSP losses as one graph.
 
     Inside the hybridized graph the losses' large temporaries (log_softmax over the
     vocabulary: 415 MB at the book's batch of 512) live in the static memory plan, instead
     of being allocated (and faulted in) by imperative operators at every step.
     `norms` (2,) holds 1 / (real predictions in the global batch) and 1 / (global batch
-    size), so that the losses are global means whatever the shard."""
+    size), so that the losses are global means whatever the shard. A `LegacyBoundary`, like
+    the model: as the graph's top block it notes the device (gluon-bert's CPU kernels or
+    MXNet's operators, `gluon_bert.kernels`)."""
 
     def __init__(self, net, **kwargs):
         super().__init__(**kwargs)
@@ -99,7 +103,7 @@ class PretrainObjective(gluon.HybridBlock):
         return mlm, nsp                                          # (1,), (1,)
 
 
-class FinetuneObjective(gluon.HybridBlock):
+class FinetuneObjective(LegacyBoundary, gluon.HybridBlock):
     """BERTClassifier, its summed cross-entropy and its number of correct predictions as
     one graph (see `PretrainObjective`)."""
 
