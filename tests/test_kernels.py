@@ -114,7 +114,7 @@ def test_layer_norm_block_gives_the_same_with_and_without_the_kernel(hybridize, 
     gamma = mx.nd.array(1 + rs.randn(16) * 0.1)
     results = []
     for use in (True, False):
-        monkeypatch.setattr(kernels, 'use_here', lambda use=use: use)
+        monkeypatch.setattr(kernels, 'use_here', lambda *args, use=use: use)
         ln = LayerNorm(in_channels=16, epsilon=1e-5)
         ln.initialize()
         ln.gamma.set_data(gamma)
@@ -123,6 +123,89 @@ def test_layer_norm_block_gives_the_same_with_and_without_the_kernel(hybridize, 
         results.append(forward_backward(ln, [x], head))
     for g, r, what in zip(*results, ['y', 'dx']):
         assert_close(g, r, what)
+
+
+# -- gb_softmax_ce -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('label_dtype', ['int32', 'float32'])
+@pytest.mark.parametrize('shape', [(6, 33), (4, 3, 1000)], ids=['2d', '3d'])
+def test_softmax_ce_matches_log_softmax_and_pick(shape, label_dtype):
+    rs = onp.random.RandomState(shape[-1])
+    # logits of a wide range (a few rows far from zero: the max must be taken out first)
+    logits = (rs.randn(*shape) * 4 + rs.randn(*shape[:-1], 1) * 30).astype('float32')
+    labels = rs.randint(0, shape[-1], shape[:-1]).astype(label_dtype)
+    head = rs.rand(*shape[:-1]).astype('float32')
+
+    def fused(x):
+        return mx.nd.gb_softmax_ce(x, mx.nd.array(labels, dtype=label_dtype))[0]
+
+    def stock(x):
+        return -mx.nd.pick(mx.nd.log_softmax(x, axis=-1),
+                           mx.nd.array(labels, dtype=label_dtype), axis=-1)
+
+    for g, r, what in zip(forward_backward(fused, [logits], head),
+                          forward_backward(stock, [logits], head), ['loss', 'dlogits']):
+        assert_close(g, r, what)
+
+
+def test_softmax_ce_refuses_mismatched_labels():
+    with pytest.raises(mx.MXNetError, match=r'labels of shape \(\.\.\.\)'):
+        mx.nd.gb_softmax_ce(mx.nd.ones((4, 5)), mx.nd.ones((5,)))[0].wait_to_read()
+
+
+# -- gb_dropout --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('p', [0.1, 0.5])
+def test_dropout_kernel_drops_a_share_p_and_its_gradient_follows_the_mask(p):
+    x = mx.nd.array(onp.random.RandomState(0).rand(200, 501) + 0.5)   # no zeros in x
+    x.attach_grad()
+    head = mx.nd.array(onp.random.RandomState(1).randn(200, 501))
+    with autograd.record():
+        y, keep = mx.nd.gb_dropout(x, p=p)
+        (y * head).sum().backward()
+    y, keep, xs = y.asnumpy(), keep.asnumpy(), x.asnumpy()
+    assert keep.dtype == onp.uint8 and set(onp.unique(keep)) == {0, 1}
+    n = keep.size
+    # the share dropped is p within 5 standard deviations of a binomial
+    assert abs((keep == 0).mean() - p) < 5 * (p * (1 - p) / n) ** 0.5
+    onp.testing.assert_allclose(y, xs * keep / (1 - p), rtol=1e-6)
+    onp.testing.assert_allclose(x.grad.asnumpy(), head.asnumpy() * keep / (1 - p), rtol=1e-6)
+
+
+def test_dropout_kernel_repeats_with_mxnets_seed_and_differs_between_calls():
+    x = mx.nd.ones((64, 64))
+    mx.random.seed(7)
+    first, second = [mx.nd.gb_dropout(x, p=0.5)[1].asnumpy() for _ in range(2)]
+    mx.random.seed(7)
+    again = mx.nd.gb_dropout(x, p=0.5)[1].asnumpy()
+    assert (first == again).all()
+    assert (first != second).any()
+    # neighbouring elements are not correlated (a counter-based stream)
+    flat = first.ravel().astype(float)
+    assert abs(onp.corrcoef(flat[:-1], flat[1:])[0, 1]) < 0.05
+
+
+def test_dropout_kernel_refuses_p_of_one():
+    with pytest.raises(mx.MXNetError, match=r'p must be in \[0, 1\)'):
+        mx.nd.gb_dropout(mx.nd.ones((3,)), p=1.0)[0].wait_to_read()
+
+
+def test_the_model_builds_apart_for_training_and_inference():
+    """Dropout's kernel is chosen when the graph is built: a training graph has it, an
+    inference graph has no dropout at all, and switching modes rebuilds the graph."""
+    net = BERTModel(BERTConfig.from_preset('tiny', vocab_size=40, dropout=0.3))
+    net.initialize(mx.init.Normal(0.1))
+    net.hybridize(static_alloc=True, static_shape=True)
+    data = pretrain_batch(onp.random.RandomState(0), 4, 12, 3, 40)
+    batch = [mx.nd.array(data[k]) for k in ('tokens', 'segments', 'valid_lens', 'pred_positions')]
+    infer = net(*batch)[0].asnumpy()
+    assert 'gb_dropout' not in _graph_ops(net) and 'Dropout' in _graph_ops(net)
+    with autograd.record():
+        trained = net(*batch)[0]
+    assert 'gb_dropout' in _graph_ops(net)
+    assert not onp.allclose(trained.asnumpy(), infer)       # dropout acted
+    onp.testing.assert_allclose(net(*batch)[0].asnumpy(), infer, rtol=1e-6)  # and not here
+    assert 'gb_dropout' not in _graph_ops(net)
 
 
 # -- where the model takes them ------------------------------------------------------------------
@@ -153,7 +236,7 @@ def test_the_cpu_graph_takes_the_kernels_and_a_gpu_graph_does_not(monkeypatch):
     assert not {'gb_bmm', 'gb_layer_norm'} & _graph_ops(net)
     assert 'batch_dot' in _graph_ops(net)
     # ... which gives the same outputs within rounding (run here on the CPU)
-    monkeypatch.setattr(kernels, 'use_here', lambda: False)
+    monkeypatch.setattr(kernels, 'use_here', lambda *args: False)
     net._clear_cached_op()
     for got, ref in zip(cpu_out, net(*batch)):
         assert_close(got, ref)

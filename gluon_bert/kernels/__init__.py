@@ -5,8 +5,8 @@
     kernels.status()        # {'loaded': True, 'path': ..., 'reason': ...}: recorded by bench
     kernels.use_here()      # inside hybrid_forward: take the kernels for this graph?
 
-What they are (`cpu_ops.cc`): `gb_bmm`, the attention products, and `gb_layer_norm`,
-forward and backward, registered as MXNet operators through MXNet's extension-library
+What they are (`cpu_ops.cc`): `gb_bmm`, the attention products, `gb_layer_norm`, and
+`gb_softmax_ce`, the cross-entropy of the MLM head over its vocabulary, forward and backward, registered as MXNet operators through MXNet's extension-library
 interface (`mx.library.load`), so they go into hybridized, `static_alloc` graphs like any
 operator. Measured on this project's 2-vCPU machine (AVX-512), forward + backward at the
 book's pretraining shapes: MXNet's `batch_dot` 16-19 ms a product at (1024, 64, 64), ours
@@ -173,9 +173,13 @@ def current_device() -> str:
     return _device.get()
 
 
-def use_here() -> bool:
-    """Whether the block being built takes gluon-bert's kernels: loaded, and on a CPU."""
-    return _state['loaded'] and _device.get() == 'cpu'
+def use_here(array=None) -> bool:
+    """Whether to take gluon-bert's kernels: loaded, and on a CPU. The device is `array`'s
+    when it is an NDArray (imperative code), else that of the graph being built."""
+    if not _state['loaded']:
+        return False
+    device = getattr(getattr(array, 'context', None), 'device_type', None) or _device.get()
+    return device == 'cpu'
 
 
 def set_cast_inputs(on: bool) -> None:

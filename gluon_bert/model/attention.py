@@ -95,7 +95,7 @@ class MultiHeadAttention(LegacyBoundary, nn.HybridBlock):
 
         On the CPU gluon-bert's `gb_bmm` kernel: MXNet's `batch_dot` calls OpenBLAS once
         per (L, d) matrix and runs at a third to a fifth of its speed there."""
-        if kernels.use_here():
+        if kernels.use_here(a):
             return F.gb_bmm(kernels.float32(F, a), kernels.float32(F, b),
                             transpose_b=transpose_b, alpha=alpha)
         out = F.batch_dot(a, b, transpose_b=transpose_b)

@@ -15,6 +15,7 @@ import mxnet as mx
 import numpy as onp
 from mxnet import autograd, gluon
 
+from .. import kernels
 from ..model.layers import LegacyBoundary
 
 __all__ = ['split_batch', 'mlm_loss', 'nsp_loss', 'PretrainObjective', 'FinetuneObjective',
@@ -55,17 +56,27 @@ def _as_nd(array: onp.ndarray, ctx) -> mx.nd.NDArray:
     return host if ctx == host.context else host.copyto(ctx)
 
 
+def _token_ce(F, logits, labels):
+    """Cross-entropy of softmax(logits) at each label: (..., V), (...) -> (...).
+
+    On the CPU gluon-bert's fused `gb_softmax_ce` (`gluon_bert.kernels`): it reads the
+    logits once forward and once backward, where log_softmax, pick and their backwards
+    pass over them five times (the MLM head's are 415 MB at the book's batch)."""
+    if kernels.use_here(logits):
+        return F.gb_softmax_ce(kernels.float32(F, logits), labels)[0]
+    return -F.pick(F.log_softmax(logits, axis=-1), labels, axis=-1)
+
+
 def _mlm_ce(F, mlm_Y_hat, mlm_labels, mlm_weights):
     """Summed cross-entropy at the predicted positions, weighted by mlm_weights (0 for
     padding predictions). mlm_Y_hat (B, P, V), labels and weights (B, P) -> (1,)."""
-    logp = F.log_softmax(mlm_Y_hat, axis=-1)                    # (B, P, V)
-    ce = -F.pick(logp, mlm_labels, axis=-1)                     # (B, P)
+    ce = _token_ce(F, mlm_Y_hat, mlm_labels)                    # (B, P)
     return F.sum(ce * mlm_weights, axis=None, keepdims=False)
 
 
 def _ce(F, logits, labels):
     """Summed cross-entropy of a classifier. logits (B, C), labels (B,) -> (1,)."""
-    return F.sum(-F.pick(F.log_softmax(logits, axis=-1), labels, axis=-1))
+    return F.sum(_token_ce(F, logits, labels))
 
 
 def mlm_loss(mlm_Y_hat, mlm_labels, mlm_weights, total_weight):
