@@ -26,3 +26,5 @@ if [ "$horovod" = 1 ]; then
   .venv/bin/python -c "import horovod.mxnet as hvd; print('horovod', hvd.__version__ if hasattr(hvd, '__version__') else 'ok')"
 fi
 .venv/bin/python -c "import mxnet, gluon_bert; print('mxnet', mxnet.__version__, 'gluon_bert', gluon_bert.__version__)"
+# gluon-bert's CPU kernels: compiled once for this machine (about 15 s), then cached
+.venv/bin/python -c "import gluon_bert.model, gluon_bert.kernels as k; print('kernels', k.status()['reason'])"

@@ -348,7 +348,13 @@ def test_finetune_step_loss_hits_and_gradients_equal_the_imperative_loss(hybridi
     onp.testing.assert_allclose(loss_sum.asscalar(), expected, rtol=1e-6)
     assert correct.asscalar() == hits
     got, ref = _grads(net), _grads(ref_net)
+    scale = max(float(onp.abs(g).max()) for g in ref.values())
     for name in ref:
+        if name.endswith('attention.W_k.bias'):
+            # zero in theory (softmax ignores a shift shared by all keys): both are float
+            # noise, which depends on the order of the sums (the step's fused cross-entropy)
+            assert float(onp.abs(got[name]).max()) < 1e-6 * scale, name
+            continue
         assert_close(got[name], ref[name], rtol=1e-4, what=name)
 
 

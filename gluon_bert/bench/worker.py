@@ -26,7 +26,8 @@ __all__ = ['main', 'time_steps', 'matmul_peak', 'initial_params', 'versions', 'e
 ENV_KEYS = ('GLIBC_TUNABLES', 'MALLOC_CONF', 'LD_PRELOAD', 'OMP_NUM_THREADS',
             'OMP_WAIT_POLICY', 'GLUON_BERT_MALLOC', 'MXNET_EXEC_BULK_EXEC_TRAIN',
             'MXNET_ENGINE_TYPE', 'XLA_FLAGS', 'CUDA_VISIBLE_DEVICES', 'DNNL_MAX_CPU_ISA',
-            'ONEDNN_MAX_CPU_ISA', 'GLUON_BERT_AMX', 'OPENBLAS_CORETYPE', 'GLUON_BERT_OPENBLAS')
+            'ONEDNN_MAX_CPU_ISA', 'GLUON_BERT_AMX', 'OPENBLAS_CORETYPE', 'GLUON_BERT_OPENBLAS',
+            'GLUON_BERT_KERNELS')
 
 
 def environment():
@@ -159,6 +160,9 @@ def main(argv=None):
     except ImportError as err:
         result = {'skipped': f'not installed: {err}'}
     result.update(versions=versions(), environment=environment(), pid=os.getpid())
+    if 'gluon_bert.model' in sys.modules:  # this package's model ran: were its kernels in?
+        from .. import kernels
+        result['kernels'] = kernels.status()['reason']
     with open(argv[1], 'w', encoding='utf-8') as f:
         json.dump(result, f)
     return 0
