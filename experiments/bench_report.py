@@ -30,8 +30,11 @@ def load_rows(path, suite, commit=None, since=None):
     rows = [r for r in rows if r.get('suite') == suite]
     if not rows:
         raise SystemExit(f'{path} holds no rows of suite {suite!r}')
+    # one commit, or several separated by commas (parts run at commits that differ only
+    # outside the measured code: say so where the report is quoted)
     commit = commit or rows[-1].get('commit')
-    rows = [r for r in rows if r.get('commit') == commit]
+    commits = set(commit.split(','))
+    rows = [r for r in rows if r.get('commit') in commits]
     if since:
         rows = [r for r in rows if (r.get('date') or '') >= since]
     if not rows:
@@ -43,7 +46,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--rows', default=os.path.join(HERE, 'results', 'bench.jsonl'))
     ap.add_argument('--suite', default='issue10')
-    ap.add_argument('--commit', help='default: the commit of the newest row of the suite')
+    ap.add_argument('--commit', help='default: the commit of the newest row of the suite; '
+                    'several: a,b')
     ap.add_argument('--since', help='ISO time: only rows recorded from then on')
     ap.add_argument('--out-dir', default=os.path.join(HERE, 'results'))
     args = ap.parse_args(argv)
