@@ -1,4 +1,4 @@
-// gluon-bert's CPU kernels: two operators that MXNet 1.9.1's wheel computes slowly on the
+// gluon-bert's CPU kernels: four operations that MXNet 1.9.1's wheel computes slowly on the
 // CPU, as an MXNet extension library (include/mxnet/lib_api.h, loaded with
 // mx.library.load). gluon_bert/kernels/__init__.py compiles this file on the machine that
 // runs it (-march=native) and explains when the model uses it.
