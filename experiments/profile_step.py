@@ -1,0 +1,92 @@
+"""Where a training step of ours spends its time: MXNet's profiler, operator by operator.
+
+    python experiments/profile_step.py                      # the book's pretraining step
+    python experiments/profile_step.py --preset bert.small --task finetune --batch-size 128 \
+        --seq-len 128 --vocab-size 30522
+
+Builds the model, optimizer and batch exactly as `gluon-bert bench` does (same initial
+weights, same synthetic batch), times a few steps end to end, then profiles a few more with
+bulk execution off (`MXNET_EXEC_BULK_EXEC_TRAIN=0`, set here before MXNet loads) so that every
+operator is attributed on its own; that makes the step slower than the timed one, so use the
+profile for where to look and the timed steps for how long a step takes. Prints the operators
+by total time and the share of the step each takes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--task', default='pretrain', choices=['pretrain', 'finetune'])
+    ap.add_argument('--preset', default='d2l.pretrain')
+    ap.add_argument('--vocab-size', type=int, default=20256)
+    ap.add_argument('--batch-size', type=int, default=512)
+    ap.add_argument('--seq-len', type=int, default=64)
+    ap.add_argument('--num-preds', type=int, default=10)
+    ap.add_argument('--steps', type=int, default=4, help='timed, then profiled, steps')
+    ap.add_argument('--top', type=int, default=25)
+    ap.add_argument('--out', default=None, help='also write the table as JSON here')
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault('MXNET_EXEC_BULK_EXEC_TRAIN', '0')
+    import numpy as np
+    import gluon_bert  # noqa: F401: CPU settings before MXNet loads
+    import mxnet as mx
+    from gluon_bert import kernels
+    from gluon_bert.bench.worker import initial_params
+    from gluon_bert.config import BERTConfig
+    from gluon_bert.ports.synthetic import synthetic_batch
+    from gluon_bert.train.runners import MXNetRunner
+
+    config = BERTConfig.from_preset(args.preset, vocab_size=args.vocab_size)
+    params = initial_params(config, args.task, 0)
+    batch = synthetic_batch(np.random.default_rng(0), config, args.task, args.batch_size,
+                            args.seq_len, args.num_preds)
+    runner = MXNetRunner(config, params, task=args.task, lr=1e-4)
+    step = iter(range(10 ** 9))
+
+    def run(n):
+        for _ in range(n):
+            runner.train_step_async(batch, next(step))
+        mx.nd.waitall()
+
+    run(2)  # warm-up: graphs built, memory planned
+    t0 = time.perf_counter()
+    run(args.steps)
+    wall = (time.perf_counter() - t0) / args.steps
+    print(f'step {wall * 1e3:.0f} ms ({args.batch_size / wall:.1f} examples/s), kernels: '
+          f"{kernels.status()['reason']}, bulk exec {os.environ['MXNET_EXEC_BULK_EXEC_TRAIN']}")
+
+    mx.profiler.set_config(profile_all=True, aggregate_stats=True, continuous_dump=False,
+                           filename=os.devnull)
+    mx.profiler.set_state('run')
+    run(args.steps)
+    mx.profiler.set_state('stop')
+    stats = json.loads(mx.profiler.dumps(reset=True, format='json'))
+    rows = []
+    for domain, ops in stats.get('Time', {}).items():
+        if domain not in ('operator', 'Operator'):
+            continue
+        for name, s in ops.items():
+            rows.append((name, s['Count'] / args.steps, s['Total'] / args.steps))
+    rows.sort(key=lambda r: -r[2])
+    total = sum(r[2] for r in rows)
+    print(f'operators: {total:.0f} ms a step in all (profiled)')
+    print(f"{'operator':40s} {'calls':>6s} {'ms/step':>9s} {'share':>6s}")
+    for name, calls, ms in rows[:args.top]:
+        print(f'{name[:40]:40s} {calls:6.0f} {ms:9.1f} {ms / total:6.1%}')
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(dict(args=vars(args), step_ms=wall * 1e3, kernels=kernels.status(),
+                           operators=[dict(name=n, calls=c, ms=m) for n, c, m in rows]), f,
+                      indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
