@@ -148,6 +148,31 @@ def test_softmax_ce_matches_log_softmax_and_pick(shape, label_dtype):
         assert_close(g, r, what)
 
 
+def test_softmax_ce_underflow_and_every_vector_tail():
+    """exp far below the row's max (the kernel clamps at -87 and underflows to ~0, as float32
+    exp does) and row widths around the vector lengths (8 and 16 lanes, twice that per loop)."""
+    rs = onp.random.RandomState(7)
+    for V in (1, 7, 8, 15, 16, 17, 31, 32, 33, 64, 65):
+        logits = (rs.randn(5, V) * 60).astype('float32')   # spreads of a few hundred
+        logits[:, 0] = 120.0                                # one far above the rest
+        labels = rs.randint(0, V, 5).astype('float32')
+        head = rs.rand(5).astype('float32')
+
+        def fused(x):
+            return mx.nd.gb_softmax_ce(x, mx.nd.array(labels))[0]
+
+        def stock(x):
+            return -mx.nd.pick(mx.nd.log_softmax(x, axis=-1), mx.nd.array(labels), axis=-1)
+
+        for g, r, what in zip(forward_backward(fused, [logits], head),
+                              forward_backward(stock, [logits], head), ['loss', 'dlogits']):
+            got, ref = g.asnumpy(), r.asnumpy()
+            assert onp.isfinite(got).all(), (V, what)
+            # at least 1 as the scale: with V = 1 the loss is 0 and MXNet's own is ~1e-6
+            atol = RTOL * max(1.0, float(onp.abs(ref).max()))
+            onp.testing.assert_allclose(got, ref, rtol=0, atol=atol, err_msg=f'{what} V={V}')
+
+
 def test_softmax_ce_refuses_mismatched_labels():
     with pytest.raises(mx.MXNetError, match=r'labels of shape \(\.\.\.\)'):
         mx.nd.gb_softmax_ce(mx.nd.ones((4, 5)), mx.nd.ones((5,)))[0].wait_to_read()
