@@ -2,14 +2,16 @@
 
     python experiments/profile_step.py                      # the book's pretraining step
     python experiments/profile_step.py --preset bert.small --task finetune --batch-size 128 \
-        --seq-len 128 --vocab-size 30522
+        --seq-len 128 --vocab-size 20256
 
-Builds the model, optimizer and batch exactly as `gluon-bert bench` does (same initial
-weights, same synthetic batch), times a few steps end to end, then profiles a few more with
-bulk execution off (`MXNET_EXEC_BULK_EXEC_TRAIN=0`, set here before MXNet loads) so that every
-operator is attributed on its own; that makes the step slower than the timed one, so use the
-profile for where to look and the timed steps for how long a step takes. Prints the operators
-by total time and the share of the step each takes.
+The step is `gluon-bert bench`'s own (`bench.variants.build('ours-hybrid', ...)`: the same
+initial weights, synthetic batch, optimizer) in the environment of a bench worker
+(`bench.harness.worker_env`: threads, OpenMP wait policy, glibc's allocator as `gluon-bert`
+sets it), which this script restarts itself in. Bulk execution is off
+(`MXNET_EXEC_BULK_EXEC_TRAIN=0` unless you set it; MXNet reads it when it loads) so that
+every operator is attributed on its own; that makes a step slower than `gluon-bert bench`
+times it, so use the profile for where to look and the bench for how long a step takes.
+Prints the operators by total time and the share of the step each takes.
 """
 from __future__ import annotations
 
@@ -17,10 +19,23 @@ import argparse
 import json
 import os
 import sys
-import time
+
+_CHILD = 'GLUON_BERT_PROFILE_STEP'  # set in the restarted process
+
+
+def _restart_in_worker_env(argv):
+    """Start this script again in a bench worker's environment (glibc reads its allocator
+    settings, MXNet its bulk execution setting, only at process start)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from gluon_bert.bench.harness import worker_env
+    env, _ = worker_env()
+    env.setdefault('MXNET_EXEC_BULK_EXEC_TRAIN', '0')
+    env[_CHILD] = '1'
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--task', default='pretrain', choices=['pretrain', 'finetune'])
     ap.add_argument('--preset', default='d2l.pretrain')
@@ -32,28 +47,30 @@ def main(argv=None):
     ap.add_argument('--top', type=int, default=25)
     ap.add_argument('--out', default=None, help='also write the table as JSON here')
     args = ap.parse_args(argv)
+    if os.environ.get(_CHILD) != '1':
+        _restart_in_worker_env(argv)
 
-    os.environ.setdefault('MXNET_EXEC_BULK_EXEC_TRAIN', '0')
+    import time
+
     import numpy as np
     import gluon_bert  # noqa: F401: CPU settings before MXNet loads
     import mxnet as mx
     from gluon_bert import kernels
+    from gluon_bert.bench.variants import build
     from gluon_bert.bench.worker import initial_params
     from gluon_bert.config import BERTConfig
     from gluon_bert.ports.synthetic import synthetic_batch
-    from gluon_bert.train.runners import MXNetRunner
 
     config = BERTConfig.from_preset(args.preset, vocab_size=args.vocab_size)
-    params = initial_params(config, args.task, 0)
     batch = synthetic_batch(np.random.default_rng(0), config, args.task, args.batch_size,
                             args.seq_len, args.num_preds)
-    runner = MXNetRunner(config, params, task=args.task, lr=1e-4)
-    step = iter(range(10 ** 9))
+    step = build('ours-hybrid', config, initial_params(config, args.task, 0), batch,
+                 args.task)
 
     def run(n):
         for _ in range(n):
-            runner.train_step_async(batch, next(step))
-        mx.nd.waitall()
+            step.train()
+        step.sync()
 
     run(2)  # warm-up: graphs built, memory planned
     t0 = time.perf_counter()

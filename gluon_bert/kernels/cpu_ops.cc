@@ -137,10 +137,9 @@ static inline tail_t tail_mask(int rest) {  // lane i stored where i < rest (sig
 static inline void vstore_tail(float* p, tail_t t, vec_t x) { _mm256_maskstore_ps(p, t, x); }
 #endif
 
-
-// exp(x) for x <= 0 and beyond, lane by lane, as exp_approx (softmax section) computes it. Written with
-// intrinsics: GCC's own vectorisation of exp_approx's loops ran at a ninth of this speed
-// (200 against 22 ms for the sum over the MLM head's logits, AVX2).
+// exp(x) for x <= 0 and beyond, lane by lane, as exp_approx (softmax section) computes it.
+// Written with intrinsics: GCC's own vectorisation of exp_approx's loops ran at a ninth of
+// this speed (200 against 22 ms for the sum over the MLM head's logits, AVX2).
 static inline vec_t vexp(vec_t x) {
   x = vmax(x, vset1(-87.0f));
   const vec_t t = vmul(x, vset1(1.44269504f));
