@@ -11,7 +11,8 @@ sets it), which this script restarts itself in. Bulk execution is off
 (`MXNET_EXEC_BULK_EXEC_TRAIN=0` unless you set it; MXNet reads it when it loads) so that
 every operator is attributed on its own; that makes a step slower than `gluon-bert bench`
 times it, so use the profile for where to look and the bench for how long a step takes.
-Prints the operators by total time and the share of the step each takes.
+Prints the step's time, minor page faults and system time, then the operators by total
+time and the share of the step each takes.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def main(argv=None):
     if os.environ.get(_CHILD) != '1':
         _restart_in_worker_env(argv)
 
+    import resource
     import time
 
     import numpy as np
@@ -73,11 +75,17 @@ def main(argv=None):
         step.sync()
 
     run(2)  # warm-up: graphs built, memory planned
+    before = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     run(args.steps)
     wall = (time.perf_counter() - t0) / args.steps
-    print(f'step {wall * 1e3:.0f} ms ({args.batch_size / wall:.1f} examples/s), kernels: '
-          f"{kernels.status()['reason']}, bulk exec {os.environ['MXNET_EXEC_BULK_EXEC_TRAIN']}")
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    faults = (after.ru_minflt - before.ru_minflt) / args.steps
+    system = (after.ru_stime - before.ru_stime) / args.steps
+    print(f'step {wall * 1e3:.0f} ms ({args.batch_size / wall:.1f} examples/s), '
+          f'{faults:.0f} minor page faults and {system * 1e3:.0f} ms system time a step, '
+          f"kernels: {kernels.status()['reason']}, "
+          f"bulk exec {os.environ['MXNET_EXEC_BULK_EXEC_TRAIN']}")
 
     mx.profiler.set_config(profile_all=True, aggregate_stats=True, continuous_dump=False,
                            filename=os.devnull)

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import numpy as onp
 import pytest
 
 from gluon_bert.bench import (Measurement, Workload, check_targets, format_targets,
@@ -13,7 +14,9 @@ from gluon_bert.bench import (Measurement, Workload, check_targets, format_targe
                               write_plot)
 from gluon_bert.bench import harness, suite
 from gluon_bert.cli import GLIBC_TUNABLES, main
+from gluon_bert.bench.flops import packed_model_flops
 from gluon_bert.config import BERTConfig
+from gluon_bert.ports.synthetic import synthetic_batch
 
 TINY = Workload('tiny-pretrain', 'pretrain', 'tiny', 50, 4, 16, num_preds=3, steps=2, warmup=1)
 
@@ -33,6 +36,19 @@ def test_model_flops_by_hand():
     assert model_flops(config, 'finetune', 4, 16, train=False) == 2 * 4 * (2 * block + classifier)
     with pytest.raises(ValueError):
         model_flops(config, 'nli', 4, 16)
+    # packed: a batch without padding computes what the padded count says ...
+    full = synthetic_batch(onp.random.default_rng(0), config, 'pretrain', 4, 16, 3,
+                           full_length=True)
+    full['mlm_weights'][:] = 1.0
+    assert packed_model_flops(config, full) == model_flops(config, 'pretrain', 4, 16, 3)
+    # ... and one sequence of 8 tokens instead of 16 saves 8 tokens' projections and FFN
+    # (packed sizes go in steps of 8 tokens at least)
+    short = {k: v.copy() for k, v in full.items()}
+    short['valid_lens'][1] = 8
+    short['pred_positions'][1] %= 8
+    per_token = 2 * (4 * 32 * 32 + 2 * 32 * 64)  # 2 blocks
+    assert packed_model_flops(config, short, train=False) == \
+        model_flops(config, 'pretrain', 4, 16, 3, train=False) - 2 * 8 * per_token
 
 
 def test_stats_median_and_spread():
@@ -136,8 +152,11 @@ def test_a_crashing_worker_gives_an_error_row_and_the_rest_continue(tmp_path):
     crashed, ours = rows
     assert 'boom: the worker died' in crashed['error'] and 'examples_per_sec' not in crashed
     assert ours['examples_per_sec'] > 0 and 'error' not in ours
-    assert ours['model_flops_per_step'] == model_flops(
-        BERTConfig.from_preset('tiny', vocab_size=50), 'pretrain', 4, 16, 3)
+    # ours packs its pretraining step: the FLOPs it computes, fewer than the padded batch's
+    config = BERTConfig.from_preset('tiny', vocab_size=50)
+    batch = synthetic_batch(onp.random.default_rng(0), config, 'pretrain', 4, 16, 3)  # seed 0
+    assert ours['packed'] and ours['model_flops_per_step'] == packed_model_flops(config, batch)
+    assert ours['model_flops_per_step'] < model_flops(config, 'pretrain', 4, 16, 3)
     assert ours['minor_faults_per_step'] >= 0 and ours['peak_rss_mb'] > 0
     lines = [json.loads(l) for l in out.read_text().splitlines()]
     assert [l['workload'] for l in lines] == ['matmul-peak', 'tiny-pretrain', 'tiny-pretrain']

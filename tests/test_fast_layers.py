@@ -305,7 +305,12 @@ def test_pretrain_step_losses_and_gradients_equal_the_imperative_loss(hybridize)
     onp.testing.assert_allclose(got_nsp.asscalar(), nsp.asscalar(), rtol=1e-6)
     got, ref = _grads(net), _grads(ref_net)
     assert set(got) == set(ref)
+    scale = max(float(onp.abs(g).max()) for g in ref.values())
     for name in ref:
+        if name.endswith('attention.W_k.bias'):
+            # zero in theory: float noise, which the packed step's sums order differently
+            assert float(onp.abs(got[name]).max()) < 1e-6 * scale, name
+            continue
         assert_close(got[name], ref[name], rtol=1e-4, what=name)
     assert sum(float(onp.abs(g).max()) > 0 for g in ref.values()) > len(ref) // 2
 

@@ -1,5 +1,6 @@
-"""gluon-bert's CPU kernels (gluon_bert/kernels): `gb_bmm` and `gb_layer_norm`, forward and
-backward, against the MXNet operators they replace; when the model takes them and when not;
+"""gluon-bert's CPU kernels (gluon_bert/kernels): `gb_bmm`, `gb_layer_norm`,
+`gb_softmax_ce`, `gb_dropout` and `gb_attention`, forward and backward, against the MXNet
+operators they replace (or a float64 reference); when the model takes them and when not;
 the build and its failures.
 
 Tolerances are relative to each array's scale (its largest magnitude): the kernels sum in
@@ -213,6 +214,98 @@ def test_dropout_kernel_repeats_with_mxnets_seed_and_differs_between_calls():
 def test_dropout_kernel_refuses_p_of_one():
     with pytest.raises(mx.MXNetError, match=r'p must be in \[0, 1\)'):
         mx.nd.gb_dropout(mx.nd.ones((3,)), p=1.0)[0].wait_to_read()
+
+
+# -- gb_attention ------------------------------------------------------------------------------
+
+
+def _attention_reference(q, k, v, lens, heads, alpha):
+    """Packed self-attention in float64 numpy: each sequence's rows attend to themselves."""
+    T, H = q.shape
+    d = H // heads
+    out = onp.zeros((T, H))
+    starts = onp.concatenate([[0], onp.cumsum(lens)]).astype(int)
+    for b in range(len(lens)):
+        r = slice(starts[b], starts[b + 1])
+        for j in range(heads):
+            c = slice(j * d, (j + 1) * d)
+            s = alpha * q[r, c].astype(onp.float64) @ k[r, c].T.astype(onp.float64)
+            p = onp.exp(s - s.max(1, keepdims=True))
+            out[r, c] = (p / p.sum(1, keepdims=True)) @ v[r, c]
+    return out
+
+
+# (lengths, heads, head size): one-row sequences, lengths around the 8- and 16-lane vectors,
+# head sizes that are not a multiple of either, BERT's 64
+ATTENTION_CASES = [((5, 1, 17, 33, 8), 2, 16), ((64, 2, 16, 15), 2, 64), ((9, 40), 3, 5),
+                   ((1,), 1, 8)]
+
+
+@pytest.mark.parametrize('lens, heads, d', ATTENTION_CASES)
+def test_attention_kernel_matches_packed_attention_and_its_gradients(lens, heads, d):
+    """Forward against the float64 reference; the backward against the reference's
+    derivative taken by central differences at a few entries of q, k and v. Rows past the
+    sequences (padding of the packed batch) come out 0 and get no gradient."""
+    rs = onp.random.RandomState(0)
+    T, H, alpha = sum(lens) + 3, heads * d, 1 / d ** 0.5
+    q, k, v, head = (rs.randn(T, H).astype('float32') for _ in range(4))
+    lens_nd = mx.nd.array(onp.array(lens, 'float32'))
+    out, dq, dk, dv = forward_backward(
+        lambda a, b, c: mx.nd.gb_attention(a, b, c, lens_nd, num_heads=heads, alpha=alpha,
+                                           p=0.0)[0], [q, k, v], head)
+    ref = _attention_reference(q, k, v, lens, heads, alpha)
+    onp.testing.assert_allclose(out.asnumpy(), ref, rtol=0, atol=RTOL * onp.abs(ref).max())
+    assert not out.asnumpy()[sum(lens):].any()
+    eps, rows = 1e-3, sorted({0, sum(lens) // 2, sum(lens) - 1, T - 1})
+    for name, x, grad in (('q', q, dq), ('k', k, dk), ('v', v, dv)):
+        for r in rows:
+            c = (r * 7) % H
+            hi, lo = (x.astype(onp.float64) for _ in range(2))
+            hi[r, c] += eps
+            lo[r, c] -= eps
+            args = {'q': q, 'k': k, 'v': v}
+            f_hi = _attention_reference(**{**args, name: hi}, lens=lens, heads=heads,
+                                        alpha=alpha)
+            f_lo = _attention_reference(**{**args, name: lo}, lens=lens, heads=heads,
+                                        alpha=alpha)
+            numeric = ((f_hi - f_lo) * head).sum() / (2 * eps)
+            assert abs(grad.asnumpy()[r, c] - numeric) < 1e-3 * (1 + abs(numeric)), (name, r, c)
+        assert not grad.asnumpy()[sum(lens):].any(), name
+
+
+def test_attention_kernel_dropout_uses_one_mask_forward_and_backward():
+    """out = Pd V is linear in v, so sum(dout * out) = sum(dv * v) holds only when the
+    backward regenerates the forward's mask; the mask repeats with mx.random.seed."""
+    rs = onp.random.RandomState(1)
+    lens = (30, 7, 64)
+    T, H = sum(lens), 32
+    q, k, v, head = (rs.randn(T, H).astype('float32') for _ in range(4))
+    lens_nd = mx.nd.array(onp.array(lens, 'float32'))
+
+    def attend(a, b, c, p=0.3):
+        return mx.nd.gb_attention(a, b, c, lens_nd, num_heads=2, alpha=0.25, p=p)[0]
+
+    mx.random.seed(3)
+    out, _, _, dv = forward_backward(attend, [q, k, v], head)
+    onp.testing.assert_allclose((head * out.asnumpy()).sum(), (dv.asnumpy() * v).sum(),
+                                rtol=1e-4)
+    mx.random.seed(3)
+    again = attend(*(mx.nd.array(a) for a in (q, k, v)))
+    onp.testing.assert_array_equal(again.asnumpy(), out.asnumpy())
+    no_drop = attend(*(mx.nd.array(a) for a in (q, k, v)), p=0.0).asnumpy()
+    assert not onp.allclose(out.asnumpy(), no_drop)
+    # dropped weights rescaled by 1 / (1 - p): the mean output stays about the same
+    assert abs(out.asnumpy().mean() - no_drop.mean()) < 0.1 * onp.abs(no_drop).mean()
+
+
+def test_attention_kernel_refuses_what_it_cannot_compute():
+    q = mx.nd.ones((6, 8))
+    with pytest.raises(mx.MXNetError, match='add up to at most 6'):
+        mx.nd.gb_attention(q, q, q, mx.nd.array([4, 3]), num_heads=2)[0].wait_to_read()
+    with pytest.raises(mx.MXNetError, match='divisible by num_heads'):
+        mx.nd.gb_attention(q, q, q, mx.nd.array([4]), num_heads=3)[0].wait_to_read()
+    with pytest.raises(mx.MXNetError, match=r'p must be in \[0, 1\)'):
+        mx.nd.gb_attention(q, q, q, mx.nd.array([4]), num_heads=2, p=1.0)[0].wait_to_read()
 
 
 def test_the_model_builds_apart_for_training_and_inference():

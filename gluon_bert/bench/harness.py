@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from ..errors import ConfigError
-from .flops import model_flops
+from .flops import model_flops, packed_model_flops
 from .suite import VARIANTS, Measurement, Workload, plan, resolve_variants, workloads_for
 
 __all__ = ['DEFAULT_OUT', 'RESULTS_DIR', 'run_measurements', 'run_suite', 'run_bench',
@@ -32,6 +32,8 @@ DEFAULT_OUT = os.path.join(RESULTS_DIR, 'bench.jsonl')
 WORKER = (sys.executable, '-m', 'gluon_bert.bench.worker')
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ALLOCATORS = ('tuned', 'system')
+# the variants whose pretraining step is packed (train.step.PretrainStep(packed=True))
+PACKED = ('ours-hybrid', 'ours-imperative')
 
 
 def _commit():
@@ -108,8 +110,9 @@ def prepare_inputs(w: Workload, folder, seed=0):
     batch = synthetic_batch(np.random.default_rng(seed), config, w.task, w.batch_size,
                             w.seq_len, w.num_preds)
     np.savez(batch_path, **batch)
+    packed = packed_model_flops(config, batch) if w.task == 'pretrain' else None
     return dict(config=config, params=params_path, batch=batch_path,
-                tokens=float(batch['valid_lens'].sum()))
+                tokens=float(batch['valid_lens'].sum()), packed_flops=packed)
 
 
 # -- workers --------------------------------------------------------------------------------
@@ -170,6 +173,10 @@ def _figures(m: Measurement, result, inputs, peak):
     if out.get('median_step_s') and not bucketed:  # padded shapes: the count holds
         flops = model_flops(config, w.task, w.batch_size, w.seq_len, w.num_preds,
                             train=m.mode == 'train')
+        if m.variant in PACKED and m.mode == 'train' and w.task == 'pretrain':
+            # the packed step skips the padding: count what it computes
+            flops = inputs['packed_flops']
+            out['packed'] = True
         out['model_flops_per_step'] = flops
         out['model_gflops_per_sec'] = flops / out['median_step_s'] / 1e9
         for dt in ('float32', 'bfloat16'):

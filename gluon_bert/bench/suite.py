@@ -39,7 +39,7 @@ class Workload:
         return cls(**data)
 
 
-# name -> (what it is, modules it needs, scopes it has, tasks it covers)
+# name -> (what it is, modules it needs, scopes it has, tasks and modes it covers)
 VARIANTS: dict[str, dict[str, Any]] = {
     'd2l-mxnet': dict(about="the book's d2l 1.0.3 MXNet code (npx.set_np, not hybridized, "
                             'its batch loss and per-batch read-backs)',
@@ -49,8 +49,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
                         needs=('torch', 'd2l'), scopes=('step', 'loop')),
     'ours-imperative': dict(about='this package, MXNetRunner(hybridize=False)',
                             needs=('mxnet',), scopes=('step',)),
-    'ours-hybrid': dict(about='this package, MXNetRunner (hybridized, static memory)',
+    'ours-hybrid': dict(about='this package, MXNetRunner (hybridized, static memory; '
+                              'pretraining steps packed: no arithmetic on padding)',
                         needs=('mxnet',), scopes=('step', 'loop')),
+    'ours-padded': dict(about='ours-hybrid with its pretraining step on the padded batch '
+                              '(packed=False), as the book computes it',
+                        needs=('mxnet',), scopes=('step',), tasks=('pretrain',),
+                        modes=('train',)),  # inference is the same padded forward
     'ours-bucketed': dict(about='this package, whole loop with length-bucketed batches '
                                 "(pad_to='longest', bucket=True)",
                           needs=('mxnet',), scopes=('loop',), tasks=('finetune',)),
@@ -175,5 +180,6 @@ def plan(workloads, variants, modes=('train', 'infer'), scopes=('step', 'loop'),
                 if scope not in info['scopes']:
                     continue
                 for mode in modes:
-                    out.append(Measurement(w, v, mode, 'step', dtype))
+                    if mode in info.get('modes', (mode,)):
+                        out.append(Measurement(w, v, mode, 'step', dtype))
     return out

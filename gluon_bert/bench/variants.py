@@ -53,7 +53,8 @@ def build(variant, config, params, batch, task, dtype='float32', devices=None,
           lr=1e-4) -> Step:
     if dtype != 'float32' and not variant.startswith('ours-'):
         raise Skip(f'--dtype {dtype} applies to this package (ours-*) only')
-    builders = {'ours-hybrid': _ours, 'ours-imperative': _ours, 'd2l-mxnet': _d2l_mxnet,
+    builders = {'ours-hybrid': _ours, 'ours-imperative': _ours, 'ours-padded': _ours,
+                'd2l-mxnet': _d2l_mxnet,
                 'd2l-pytorch': _d2l_pytorch, 'gluonnlp': _gluonnlp, 'torch-eager': _torch,
                 'torch-compile': _torch, 'jax-jit': _jax}
     if variant not in builders:
@@ -83,8 +84,13 @@ def runner_options(dtype='float32', hybridize=True):
 def _ours(variant, config, params, batch, task, dtype, devices, lr):
     import mxnet as mx
     from ..train.runners import MXNetRunner
-    runner = MXNetRunner(config, params, task=task, lr=lr, devices=devices,
-                         **runner_options(dtype, hybridize=variant == 'ours-hybrid'))
+    options = runner_options(dtype, hybridize=variant != 'ours-imperative')
+    if variant == 'ours-padded':
+        if task != 'pretrain':
+            raise Skip('ours-padded is the pretraining step without packing; fine-tuning '
+                       'steps are padded in every ours-* variant')
+        options['packed'] = False
+    runner = MXNetRunner(config, params, task=task, lr=lr, devices=devices, **options)
     ctx = runner.contexts[0]
     counter = iter(range(10 ** 9))
     notes = []

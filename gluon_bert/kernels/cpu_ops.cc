@@ -1,4 +1,4 @@
-// gluon-bert's CPU kernels: four operations that MXNet 1.9.1's wheel computes slowly on the
+// gluon-bert's CPU kernels: five operations that MXNet 1.9.1's wheel computes slowly on the
 // CPU, as an MXNet extension library (include/mxnet/lib_api.h, loaded with
 // mx.library.load). gluon_bert/kernels/__init__.py compiles this file on the machine that
 // runs it (-march=native) and explains when the model uses it.
@@ -22,6 +22,11 @@
 //       variable at a time from a Mersenne twister (20-90 ms a call at the book's batch);
 //       this hashes (seed, index), vectorised, with one seed a call from MXNet's seeded
 //       generator (mx.random.seed repeats a run), and keeps a byte mask for the backward.
+//   gb_attention(q, k, v, valid_lens, num_heads, alpha, p) -> (out, lse, seed)
+//       multi-head self-attention on a packed batch (only the real tokens, one sequence
+//       after another): each sequence's rows attend to each other, with the dropout of
+//       the weights drawn inside. No padding, mask or head transposes: about a third of
+//       the padded attention's arithmetic at the book's lengths (section below).
 //
 // float32 only (lib_api.h has no bfloat16 type): under mixed precision the Python side casts
 // the inputs to float32 first, as amp does for MXNet's own batch_dot and LayerNorm.
@@ -730,6 +735,326 @@ REGISTER_OP(gb_dropout)
     .setParseAttrs(dropout_parse)
     .setInferType(dropout_type)
     .setInferShape(dropout_shape);
+
+// ------------------------------------------------------------- packed self-attention
+
+// gb_attention(q, k, v, valid_lens, num_heads, alpha, p) -> (out, lse, seed)
+// Multi-head self-attention on a packed batch (gluon_bert/data/packing.py): q, k, v (T, H)
+// hold the real tokens of B sequences one after another (example b's valid_lens[b] rows,
+// in order; rows past their sum are padding). Each sequence attends to itself only, so
+// there is no length mask and no arithmetic on padding: sum(L_b^2) instead of B * L^2,
+// about a third at the book's lengths, and no head transposes (heads are column slices).
+//   out[i, head] = dropout(softmax(alpha * q_i k^T)) v   over the rows of i's sequence
+//   lse (T, h): the softmax's log-sum-exp, kept for the backward, which recomputes the
+//   probabilities from it (as FlashAttention does) instead of storing (B, h, L, L);
+//   seed (1,): the dropout draw's seed; the backward regenerates the same mask from it.
+
+// out[0 .. n) = (acc ? out : 0) + sum_{c < K} a[c] * B[c * ldb + 0 .. n), n a multiple of
+// the vector width, B's rows readable to n: a row of a times a matrix, with the n sums in
+// registers (up to 8 vectors at a time).
+#if GB_VEC
+template <int NV>
+static inline void rowmat_block(const float* a, int K, const float* B, int64_t ldb, float* out,
+                                bool acc) {
+  vec_t s[NV];
+  for (int v = 0; v < NV; ++v) s[v] = acc ? vload(out + v * kW) : vzero();
+  for (int c = 0; c < K; ++c) {
+    const vec_t x = vset1(a[c]);
+    const float* b = B + c * ldb;
+    for (int v = 0; v < NV; ++v) s[v] = vfmadd(x, vload(b + v * kW), s[v]);
+  }
+  for (int v = 0; v < NV; ++v) vstore(out + v * kW, s[v]);
+}
+#endif
+
+static void rowmat(const float* a, int K, const float* B, int64_t ldb, int n, float* out,
+                   bool acc) {
+#if GB_VEC
+  int j = 0;
+  for (; n - j >= 8 * kW; j += 8 * kW) rowmat_block<8>(a, K, B + j, ldb, out + j, acc);
+  switch ((n - j) / kW) {
+    case 7: rowmat_block<7>(a, K, B + j, ldb, out + j, acc); break;
+    case 6: rowmat_block<6>(a, K, B + j, ldb, out + j, acc); break;
+    case 5: rowmat_block<5>(a, K, B + j, ldb, out + j, acc); break;
+    case 4: rowmat_block<4>(a, K, B + j, ldb, out + j, acc); break;
+    case 3: rowmat_block<3>(a, K, B + j, ldb, out + j, acc); break;
+    case 2: rowmat_block<2>(a, K, B + j, ldb, out + j, acc); break;
+    case 1: rowmat_block<1>(a, K, B + j, ldb, out + j, acc); break;
+    default: break;
+  }
+#else
+  if (!acc) std::fill(out, out + n, 0.f);
+  for (int c = 0; c < K; ++c) {
+    const float x = a[c];
+    const float* b = B + c * ldb;
+    for (int j = 0; j < n; ++j) out[j] += x * b[j];
+  }
+#endif
+}
+
+#if GB_VEC
+static const int kLanes = kW;
+#else
+static const int kLanes = 8;
+#endif
+static inline int round_lanes(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// The dropout draw of probability (b, head, i, k): the counter-based hash of gb_dropout,
+// keyed by the query's packed row, the head and the key's place in the sequence.
+static inline float keep_scale(uint32_t seed, int64_t row, int heads, int head, int k,
+                               uint32_t threshold, float scale) {
+  const uint64_t i = ((static_cast<uint64_t>(row) * heads + head) << 16) + k;  // L < 2^16
+  const uint32_t h = mix32(seed ^ mix32(static_cast<uint32_t>(i) +
+                                        0x9e3779b9U * static_cast<uint32_t>(i >> 32)));
+  return h >= threshold ? scale : 0.f;
+}
+
+struct AttnDims {
+  int64_t T, B;
+  int H, h, d;
+  float alpha, p;
+};
+
+static MXReturnValue attn_parse(const Attrs& attrs, int* num_in, int* num_out) {
+  *num_in = 4;
+  *num_out = 3;
+  const float p = float_attr(attrs, "p", 0.f);
+  if (!(p >= 0.f && p < 1.f)) {
+    MX_ERROR_MSG << "gb_attention: p must be in [0, 1), got " << p;
+    return MX_FAIL;
+  }
+  return MX_SUCCESS;
+}
+
+static MXReturnValue attn_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
+  for (int& t : *in) {
+    if (t == -1) t = mxnet::ext::kFloat32;
+    if (t != mxnet::ext::kFloat32) {
+      MX_ERROR_MSG << "gb_attention: float32 inputs only (cast them first)";
+      return MX_FAIL;
+    }
+  }
+  (*out)[0] = (*out)[1] = mxnet::ext::kFloat32;
+  (*out)[2] = mxnet::ext::kInt32;
+  return MX_SUCCESS;
+}
+
+static MXReturnValue attn_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
+  const auto& q = (*in)[0];
+  const int h = static_cast<int>(float_attr(attrs, "num_heads", 0.f));
+  if (q.size() != 2 || (*in)[1] != q || (*in)[2] != q || (*in)[3].size() != 1 || h < 1 ||
+      q[1] % h) {
+    MX_ERROR_MSG << "gb_attention: q, k, v (T, H) with H divisible by num_heads, and "
+                    "valid_lens (B,)";
+    return MX_FAIL;
+  }
+  (*out)[0] = q;
+  (*out)[1] = {q[0], static_cast<unsigned>(h)};
+  (*out)[2] = {1};
+  return MX_SUCCESS;
+}
+
+static AttnDims attn_dims(const Attrs& attrs, const MXTensor& q, const MXTensor& lens) {
+  AttnDims a;
+  a.T = q.shape[0];
+  a.H = static_cast<int>(q.shape[1]);
+  a.B = lens.shape[0];
+  a.h = static_cast<int>(float_attr(attrs, "num_heads", 1.f));
+  a.d = a.H / a.h;
+  a.alpha = float_attr(attrs, "alpha", 1.f);
+  a.p = float_attr(attrs, "p", 0.f);
+  return a;
+}
+
+// Each sequence's first packed row: starts[b] = sum of valid_lens before b; starts[B] is
+// the number of real rows. An error when they do not fit in the T rows.
+static bool sequence_starts(MXTensor& lens, int64_t T, std::vector<int64_t>* starts) {
+  const float* l = lens.data<float>();
+  const int64_t B = lens.shape[0];
+  starts->assign(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = static_cast<int64_t>(l[b]);
+    if (n < 0 || n >= 65536) return false;  // the dropout's counter has 16 bits for a key
+    (*starts)[b + 1] = (*starts)[b] + n;
+  }
+  return (*starts)[B] <= T;
+}
+
+// Row i's probabilities over its L keys: s (Lp,) holds the scores q_i k^T on entry and
+// softmax(alpha * s) on exit (0 past L); returns the log-sum-exp.
+static float softmax_row(float* s, int L, int Lp, float alpha) {
+  for (int k = 0; k < L; ++k) s[k] *= alpha;
+  const float m = row_max(s, L);
+  const float lse = m + std::log(row_sum_exp(s, L, m));
+  row_exp_scaled(s, s, L, lse, 1.f);
+  std::fill(s + L, s + Lp, 0.f);
+  return lse;
+}
+
+static MXReturnValue attn_forward(const Attrs& attrs, std::vector<MXTensor>* in,
+                                  std::vector<MXTensor>* out, const OpResource& res) {
+  const AttnDims a = attn_dims(attrs, (*in)[0], (*in)[3]);
+  std::vector<int64_t> starts;
+  if (!sequence_starts((*in)[3], a.T, &starts)) {
+    MX_ERROR_MSG << "gb_attention: valid_lens must be in [0, 65536) and add up to at most "
+                 << a.T << " (the rows of q)";
+    return MX_FAIL;
+  }
+  const float* q = (*in)[0].data<float>();
+  const float* k = (*in)[1].data<float>();
+  const float* v = (*in)[2].data<float>();
+  float* o = (*out)[0].data<float>();
+  float* lse = (*out)[1].data<float>();
+  int32_t* seed_out = static_cast<int32_t*>((*out)[2].data_ptr);
+  const uint32_t seed = a.p > 0.f ? (*res.get_cpu_rand_states())() : 0u;
+  std::memcpy(seed_out, &seed, sizeof seed);
+  const uint32_t threshold = static_cast<uint32_t>(static_cast<double>(a.p) * 4294967296.0);
+  const float scale = 1.f / (1.f - a.p);
+  const int64_t real = starts[a.B];
+  // padding rows: zeros
+  std::memset(o + real * a.H, 0, (a.T - real) * a.H * sizeof(float));
+  std::memset(lse + real * a.h, 0, (a.T - real) * a.h * sizeof(float));
+  const int dp = round_lanes(a.d);
+#pragma omp parallel
+  {
+    std::vector<float> kt, vb, s, ob(dp);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t task = 0; task < a.B * a.h; ++task) {
+      const int64_t b = task / a.h;
+      const int head = static_cast<int>(task % a.h);
+      const int64_t r0 = starts[b];
+      const int L = static_cast<int>(starts[b + 1] - r0), Lp = round_lanes(L);
+      if (L == 0) continue;
+      // K^T (d, Lp) and V (L, dp) of this sequence and head, zero padded
+      kt.assign(static_cast<size_t>(a.d) * Lp, 0.f);
+      vb.assign(static_cast<size_t>(L) * dp, 0.f);
+      s.resize(Lp);
+      for (int j = 0; j < L; ++j) {
+        const float* kr = k + (r0 + j) * a.H + head * a.d;
+        const float* vr = v + (r0 + j) * a.H + head * a.d;
+        for (int c = 0; c < a.d; ++c) kt[c * Lp + j] = kr[c];
+        std::memcpy(&vb[static_cast<size_t>(j) * dp], vr, a.d * sizeof(float));
+      }
+      for (int i = 0; i < L; ++i) {
+        const int64_t row = r0 + i;
+        rowmat(q + row * a.H + head * a.d, a.d, kt.data(), Lp, Lp, s.data(), false);
+        lse[row * a.h + head] = softmax_row(s.data(), L, Lp, a.alpha);
+        if (a.p > 0.f)
+          for (int j = 0; j < L; ++j) s[j] *= keep_scale(seed, row, a.h, head, j, threshold, scale);
+        rowmat(s.data(), L, vb.data(), dp, dp, ob.data(), false);
+        std::memcpy(o + row * a.H + head * a.d, ob.data(), a.d * sizeof(float));
+      }
+    }
+  }
+  return MX_SUCCESS;
+}
+
+// inputs: dout, dlse, dseed (unused), q, k, v, valid_lens, out, lse, seed;
+// outputs: dq, dk, dv, dvalid_lens (zeros). Per sequence and head, with P = softmax(alpha S)
+// recomputed from lse, D the dropout's keep / (1 - p) and Pd = P * D:
+//   dV = Pd^T dO,  dP = (dO V^T) * D,  dS = alpha P * (dP - rowsum(P * dP)),
+//   dQ = dS K,  dK = dS^T Q.
+static MXReturnValue attn_backward(const Attrs& attrs, std::vector<MXTensor>* in,
+                                   std::vector<MXTensor>* out, const OpResource&) {
+  const AttnDims a = attn_dims(attrs, (*in)[3], (*in)[6]);
+  std::vector<int64_t> starts;
+  if (!sequence_starts((*in)[6], a.T, &starts)) {
+    MX_ERROR_MSG << "gb_attention: valid_lens must be in [0, 65536) and add up to at most "
+                 << a.T << " (the rows of q)";
+    return MX_FAIL;
+  }
+  const float* dout = (*in)[0].data<float>();
+  const float* q = (*in)[3].data<float>();
+  const float* k = (*in)[4].data<float>();
+  const float* v = (*in)[5].data<float>();
+  const float* lse = (*in)[8].data<float>();
+  uint32_t seed;
+  std::memcpy(&seed, (*in)[9].data_ptr, sizeof seed);
+  float* dq = (*out)[0].data<float>();
+  float* dk = (*out)[1].data<float>();
+  float* dv = (*out)[2].data<float>();
+  const uint32_t threshold = static_cast<uint32_t>(static_cast<double>(a.p) * 4294967296.0);
+  const float scale = 1.f / (1.f - a.p);
+  const int64_t real = starts[a.B];
+  for (float* g : {dq, dk, dv}) std::memset(g + real * a.H, 0, (a.T - real) * a.H * sizeof(float));
+  const int dp = round_lanes(a.d);
+#pragma omp parallel
+  {
+    // kt, vt (d, Lp); qb, kb, dob (L, dp); pdt, dst (L, Lp) transposed as they fill;
+    // s, dpd (Lp,) one row; g (dp,) one row of a gradient
+    std::vector<float> kt, vt, qb, kb, dob, pdt, dst, s, dpd, g(dp);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t task = 0; task < a.B * a.h; ++task) {
+      const int64_t b = task / a.h;
+      const int head = static_cast<int>(task % a.h);
+      const int64_t r0 = starts[b];
+      const int L = static_cast<int>(starts[b + 1] - r0), Lp = round_lanes(L);
+      if (L == 0) continue;
+      const size_t dl = static_cast<size_t>(a.d) * Lp, ld = static_cast<size_t>(L) * dp;
+      kt.assign(dl, 0.f);
+      vt.assign(dl, 0.f);
+      qb.assign(ld, 0.f);
+      kb.assign(ld, 0.f);
+      dob.assign(ld, 0.f);
+      pdt.assign(static_cast<size_t>(L) * Lp, 0.f);
+      dst.assign(static_cast<size_t>(L) * Lp, 0.f);
+      s.resize(Lp);
+      dpd.resize(Lp);
+      for (int j = 0; j < L; ++j) {
+        const int64_t off = (r0 + j) * a.H + head * a.d;
+        for (int c = 0; c < a.d; ++c) {
+          kt[c * Lp + j] = k[off + c];
+          vt[c * Lp + j] = v[off + c];
+        }
+        std::memcpy(&qb[static_cast<size_t>(j) * dp], q + off, a.d * sizeof(float));
+        std::memcpy(&kb[static_cast<size_t>(j) * dp], k + off, a.d * sizeof(float));
+        std::memcpy(&dob[static_cast<size_t>(j) * dp], dout + off, a.d * sizeof(float));
+      }
+      for (int i = 0; i < L; ++i) {
+        const int64_t row = r0 + i;
+        // P_i again, from the forward's log-sum-exp
+        rowmat(&qb[static_cast<size_t>(i) * dp], a.d, kt.data(), Lp, Lp, s.data(), false);
+        for (int j = 0; j < L; ++j) s[j] *= a.alpha;
+        row_exp_scaled(s.data(), s.data(), L, lse[row * a.h + head], 1.f);
+        // dP_i = (dO_i V^T) * D_i; Pd_i = P_i * D_i (its transpose kept for dV)
+        rowmat(&dob[static_cast<size_t>(i) * dp], a.d, vt.data(), Lp, Lp, dpd.data(), false);
+        float dot = 0.f;
+        for (int j = 0; j < L; ++j) {
+          const float keep = a.p > 0.f ? keep_scale(seed, row, a.h, head, j, threshold, scale) : 1.f;
+          dpd[j] *= keep;
+          pdt[static_cast<size_t>(j) * Lp + i] = s[j] * keep;
+          dot += s[j] * dpd[j];
+        }
+        // dS_i = alpha P_i (dP_i - P_i . dP_i), zero past L
+        for (int j = 0; j < L; ++j) {
+          const float ds = a.alpha * s[j] * (dpd[j] - dot);
+          dpd[j] = ds;
+          dst[static_cast<size_t>(j) * Lp + i] = ds;
+        }
+        std::fill(dpd.begin() + L, dpd.end(), 0.f);
+        rowmat(dpd.data(), L, kb.data(), dp, dp, g.data(), false);     // dQ_i = dS_i K
+        std::memcpy(dq + row * a.H + head * a.d, g.data(), a.d * sizeof(float));
+      }
+      for (int j = 0; j < L; ++j) {
+        const int64_t off = (r0 + j) * a.H + head * a.d;
+        rowmat(&pdt[static_cast<size_t>(j) * Lp], L, dob.data(), dp, dp, g.data(), false);
+        std::memcpy(dv + off, g.data(), a.d * sizeof(float));          // dV_j = Pd^T_j dO
+        rowmat(&dst[static_cast<size_t>(j) * Lp], L, qb.data(), dp, dp, g.data(), false);
+        std::memcpy(dk + off, g.data(), a.d * sizeof(float));          // dK_j = dS^T_j Q
+      }
+    }
+  }
+  MXTensor& dlens = (*out)[3];
+  std::memset(dlens.data_ptr, 0, dlens.size() * sizeof(float));
+  return MX_SUCCESS;
+}
+
+REGISTER_OP(gb_attention)
+    .setForward(attn_forward, "cpu")
+    .setBackward(attn_backward, "cpu")
+    .setParseAttrs(attn_parse)
+    .setInferType(attn_type)
+    .setInferShape(attn_shape);
 
 MXReturnValue initialize(int version) {
   // lib_api.h's version 11 is MXNet 1.9's; MXNet passes its own version, e.g. 10901

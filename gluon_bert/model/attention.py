@@ -3,11 +3,13 @@
 Shape legend
     B: batch size            L: sequence length (queries = keys = values)
     H: num_hiddens           h: num_heads          d = H / h: size of one head
+    T: real tokens of a packed batch (`gluon_bert.data.packing`)
 """
 from __future__ import annotations
 
 import math
 
+from mxnet import autograd
 from mxnet.gluon import nn
 
 from .. import kernels
@@ -76,10 +78,26 @@ class MultiHeadAttention(LegacyBoundary, nn.HybridBlock):
         # (B, L, h, d) -> (B, L, H)
         return F.reshape(X, shape=(0, 0, -1))
 
-    def hybrid_forward(self, F, queries, keys, values, valid_lens=None):
-        q = self._split_heads(F, self.W_q(queries))  # (B*h, L, d)
-        k = self._split_heads(F, self.W_k(keys))     # (B*h, L, d)
-        v = self._split_heads(F, self.W_v(values))   # (B*h, L, d)
+    def hybrid_forward(self, F, queries, keys, values, valid_lens=None, unpack=None,
+                       pack=None):
+        """(B, L, H) inputs -> (B, L, H); packed (T, H) inputs -> (T, H) with `unpack`
+        (B, L) and `pack` (T,) from `data.packing`: the projections run on the T real
+        tokens only, the attention itself on the padded (B, L) layout."""
+        q, k, v = self.W_q(queries), self.W_k(keys), self.W_v(values)   # (B, L, H) or (T, H)
+        if unpack is not None and kernels.use_here(q):
+            # On the CPU gluon-bert's `gb_attention` reads the packed rows as they are: each
+            # sequence attends to its own rows, so neither padding nor mask nor head
+            # transposes cost anything. The dropout on the weights is drawn inside it.
+            rate = self.dropout._rate if autograd.is_training() else 0.0
+            f32 = (kernels.float32(F, x) for x in (q, k, v, valid_lens))
+            out = F.gb_attention(*f32, num_heads=self.num_heads, alpha=self._scale, p=rate)
+            return self.W_o(out[0])                                         # (T, H)
+        if unpack is not None:
+            # packed rows to the padded layout: (T, H) -> (B, L, H)
+            q, k, v = (F.take(x, unpack) for x in (q, k, v))
+        q = self._split_heads(F, q)  # (B*h, L, d)
+        k = self._split_heads(F, k)  # (B*h, L, d)
+        v = self._split_heads(F, v)  # (B*h, L, d)
         if valid_lens is not None:
             # Each example's length once per head, in the (B, h) order of _split_heads.
             valid_lens = F.repeat(valid_lens, repeats=self.num_heads, axis=0)  # (B*h,)
@@ -87,7 +105,11 @@ class MultiHeadAttention(LegacyBoundary, nn.HybridBlock):
         scores = self._bmm(F, q, k, transpose_b=True, alpha=self._scale)  # (B*h, L, L)
         weights = masked_softmax(F, scores, valid_lens)                     # (B*h, L, L)
         output = self._bmm(F, self.dropout(weights), v)                     # (B*h, L, d)
-        return self.W_o(self._merge_heads(F, output))                       # (B, L, H)
+        output = self._merge_heads(F, output)                               # (B, L, H)
+        if pack is not None:
+            # back to the real tokens: (B, L, H) -> (B*L, H) -> (T, H)
+            output = F.take(F.reshape(output, shape=(-3, 0)), pack)
+        return self.W_o(output)                                             # (B, L, H) or (T, H)
 
     @staticmethod
     def _bmm(F, a, b, transpose_b=False, alpha=1.0):

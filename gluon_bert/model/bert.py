@@ -67,13 +67,32 @@ class BERTModel(LegacyBoundary, nn.HybridBlock):
         nsp_Y_hat = self.nsp(cls_hidden(F, self.hidden, encoded_X))  # (B, 2)
         if pred_positions is None:
             return encoded_X, nsp_Y_hat
+        weight = self._decoder_weight(F, tokens)
+        mlm_Y_hat = self.mlm(encoded_X, pred_positions) if weight is None else \
+            self.mlm(encoded_X, pred_positions, weight)                # (B, P, V)
+        return encoded_X, mlm_Y_hat, nsp_Y_hat
+
+    def _decoder_weight(self, F, tokens):
+        """The tied decoder reads the token embedding: its variable in a graph, its value
+        on the input's device when imperative (None when the decoder has its own)."""
         if not self.config.tie_mlm_decoder:
-            return encoded_X, self.mlm(encoded_X, pred_positions), nsp_Y_hat
-        # The tied decoder reads the token embedding: its variable in a graph, its value
-        # on the input's device when imperative.
+            return None
         weight = self.encoder.token_embedding.weight
-        weight = weight.var() if F is mx.sym else weight.data(tokens.context)
-        return encoded_X, self.mlm(encoded_X, pred_positions, weight), nsp_Y_hat
+        return weight.var() if F is mx.sym else weight.data(tokens.context)
+
+    def pretrain_packed(self, F, tokens, segments, positions, valid_lens, unpack, pack,
+                        cls_rows, mlm_rows):
+        """The model on a packed batch (`gluon_bert.data.packing`): the encoder on the T real
+        tokens, the MLM head on the K real predictions only. -> (mlm_Y_hat (K, V),
+        nsp_Y_hat (B, 2)), the rows that `forward` gives for them. Called inside a parent
+        block's hybrid_forward (`step.PretrainObjective`) with its F."""
+        X = self.encoder.encode_packed(F, tokens, segments, positions, valid_lens, unpack,
+                                       pack)                                  # (T, H)
+        # The pooled <cls> of every example: (T, H) -> (B, H) -> (B, 2)
+        nsp_Y_hat = self.nsp(self.hidden(F.take(X, cls_rows)))
+        # The hidden states at the predicted positions: (T, H) -> (K, H) -> (K, V)
+        mlm_Y_hat = self.mlm.decode(F, F.take(X, mlm_rows), self._decoder_weight(F, tokens))
+        return mlm_Y_hat, nsp_Y_hat
 
 
 class BERTClassifier(LegacyBoundary, nn.HybridBlock):

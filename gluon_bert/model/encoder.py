@@ -7,9 +7,11 @@ stay as they are.
 
 Shape legend
     B: batch size   L: sequence length (<= max_len)   H: num_hiddens   F: ffn_num_hiddens
+    T: real tokens of a packed batch (`gluon_bert.data.packing`)
 """
 from __future__ import annotations
 
+import mxnet as mx
 from mxnet.gluon import nn
 
 from .attention import MultiHeadAttention
@@ -74,9 +76,10 @@ class TransformerEncoderBlock(LegacyBoundary, nn.HybridBlock):
             self.ffn = PositionWiseFFN(ffn_num_hiddens, num_hiddens, activation)
             self.addnorm2 = AddNorm(dropout, num_hiddens, eps)
 
-    def hybrid_forward(self, F, X, valid_lens=None):
-        Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))  # (B, L, H)
-        return self.addnorm2(Y, self.ffn(Y))                       # (B, L, H)
+    def hybrid_forward(self, F, X, valid_lens=None, unpack=None, pack=None):
+        # X (B, L, H), or packed (T, H) with unpack and pack (BERTEncoder.encode_packed)
+        Y = self.addnorm1(X, self.attention(X, X, X, valid_lens, unpack, pack))  # like X
+        return self.addnorm2(Y, self.ffn(Y))                                     # like X
 
 
 class BERTEncoder(LegacyBoundary, nn.HybridBlock):
@@ -126,4 +129,23 @@ class BERTEncoder(LegacyBoundary, nn.HybridBlock):
             X = self.embedding_dropout(self.embedding_ln(X))                  # (B, L, H)
         for blk in self.blks:
             X = blk(X, valid_lens)
+        return X
+
+    def encode_packed(self, F, tokens, segments, positions, valid_lens, unpack, pack):
+        """The encoder on a packed batch (`gluon_bert.data.packing`): every per-token layer
+        (embeddings, projections, FFN, LayerNorm, dropout) runs on the T real tokens only,
+        the attention on the padded layout. tokens, segments, positions, pack (T,),
+        valid_lens (B,), unpack (B, L) -> (T, H): the rows that `forward` gives at the real
+        positions of its (B, L, H) output.
+
+        Called inside a parent block's hybrid_forward (`step.PretrainObjective`) with its F."""
+        table = self.pos_embedding.var() if F is mx.sym else \
+            self.pos_embedding.data(tokens.context)
+        table = F.reshape(table, shape=(-3, 0))                  # (1, max_len, H) -> (max_len, H)
+        X = self.token_embedding(tokens) + self.segment_embedding(segments)   # (T, H)
+        X = X + F.take(table, positions)                                      # (T, H)
+        if self._embedding_norm:
+            X = self.embedding_dropout(self.embedding_ln(X))                  # (T, H)
+        for blk in self.blks:
+            X = blk(X, valid_lens, unpack, pack)
         return X

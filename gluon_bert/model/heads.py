@@ -57,11 +57,16 @@ class MaskLM(LegacyBoundary, nn.HybridBlock):
         batch_idx = F.broadcast_like(F.expand_dims(batch_idx, axis=-1), positions)
         # gather_nd indices (2, B, P) pick X[b, pred_positions[b, p]] -> (B, P, H)
         masked_X = F.gather_nd(X, F.stack(batch_idx, positions, axis=0))
+        return self.decode(F, masked_X, embedding_weight)                     # (B, P, V)
+
+    def decode(self, F, masked_X, embedding_weight=None):
+        """The head on gathered hidden states: (..., H) -> (..., V). The packed pretraining
+        objective calls it on the real predictions only (`data.packing`)."""
         dense, ln, output = self.mlp[0], self.mlp[1], self.mlp[2]
-        Y = ln(apply_activation(F, dense(masked_X), self._activation))        # (B, P, H)
+        Y = ln(apply_activation(F, dense(masked_X), self._activation))        # (..., H)
         if self._tied:
-            return output(Y, embedding_weight)                                # (B, P, V)
-        return output(Y)                                                      # (B, P, V)
+            return output(Y, embedding_weight)                                # (..., V)
+        return output(Y)                                                      # (..., V)
 
 
 class NextSentencePred(LegacyBoundary, nn.HybridBlock):

@@ -132,7 +132,7 @@ class MXNetRunner(_Runner):
 
     def __init__(self, config: BERTConfig, params, task='pretrain', lr=1e-3, seed=0,
                  devices=None, clip_norm=None, kvstore='device', placement=None,
-                 hybridize=True, dtype='float32'):
+                 hybridize=True, dtype='float32', packed=True):
         import mxnet as mx
         from ..model import BERTClassifier, BERTModel
         from .devices import place
@@ -165,10 +165,13 @@ class MXNetRunner(_Runner):
             self.trainer._init_kvstore()
             self.trainer._init_params()
             mx.nd.waitall()
-        step_cls = PretrainStep if task == 'pretrain' else FinetuneStep
+        common = dict(loss_scale=LossScale() if dtype == 'float16' else None)
+        if task == 'pretrain':  # `packed=False`: the padded batch, as the book computes it
+            step_cls, common['packed'] = PretrainStep, packed
+        else:
+            step_cls = FinetuneStep
         self.step = step_cls(self.net, self.trainer, self.contexts, clip_norm,
-                             self.placement.rank, self.placement.num_workers,
-                             loss_scale=LossScale() if dtype == 'float16' else None)
+                             self.placement.rank, self.placement.num_workers, **common)
         # the trainer's parameter index -> the stable name (optimizer state is keyed by it)
         by_id = {id(p): n for n, p in self.net._collect_params_with_prefix().items()}
         self._names = {i: by_id[id(p)] for i, p in enumerate(self.trainer._params)}

@@ -11,15 +11,19 @@ same parameters as one device.
 """
 from __future__ import annotations
 
+import warnings
+
 import mxnet as mx
 import numpy as onp
 from mxnet import autograd, gluon
 
 from .. import kernels
+from ..data.packing import PACKED_KEYS, PackedSizes, pack_pretrain_batch
 from ..model.layers import LegacyBoundary
 
-__all__ = ['split_batch', 'mlm_loss', 'nsp_loss', 'PretrainObjective', 'FinetuneObjective',
-           'PretrainStep', 'FinetuneStep', 'make_trainer']
+__all__ = ['split_batch', 'host_shards', 'mlm_loss', 'nsp_loss', 'PretrainObjective',
+           'PackedPretrainObjective', 'FinetuneObjective', 'PretrainStep', 'FinetuneStep',
+           'make_trainer']
 
 
 def split_batch(batch: dict[str, onp.ndarray], keys, contexts, rank: int = 0,
@@ -29,6 +33,13 @@ def split_batch(batch: dict[str, onp.ndarray], keys, contexts, rank: int = 0,
     The global batch is cut into num_workers * len(contexts) contiguous, even parts; worker
     `rank` takes parts rank * len(contexts) ... and puts one on each of its contexts.
     `skip_empty` (evaluation) drops the parts of a batch too small for every device."""
+    return [tuple(_as_nd(part[k], ctx) for k in keys)
+            for part, ctx in host_shards(batch, keys, contexts, rank, num_workers, skip_empty)]
+
+
+def host_shards(batch: dict[str, onp.ndarray], keys, contexts, rank: int = 0,
+                num_workers: int = 1, skip_empty: bool = False):
+    """`split_batch`'s parts as numpy views: a list of ({key: (b, ...)}, context)."""
     n = len(contexts)
     parts = n * num_workers
     B = len(batch[keys[0]])
@@ -40,7 +51,7 @@ def split_batch(batch: dict[str, onp.ndarray], keys, contexts, rank: int = 0,
         lo, hi = bounds[rank * n + i], bounds[rank * n + i + 1]
         if hi == lo:
             continue
-        shards.append(tuple(_as_nd(batch[k][lo:hi], ctx) for k in keys))
+        shards.append(({k: batch[k][lo:hi] for k in keys}, ctx))
     return shards
 
 
@@ -109,6 +120,31 @@ class PretrainObjective(LegacyBoundary, gluon.HybridBlock):
     def hybrid_forward(self, F, tokens, segments, valid_lens, positions, weights, mlm_labels,
                        nsp_labels, norms):
         _, mlm_Y_hat, nsp_Y_hat = self.net(tokens, segments, valid_lens, positions)
+        mlm = _mlm_ce(F, mlm_Y_hat, mlm_labels, weights) * F.slice_axis(norms, 0, 0, 1)
+        nsp = _ce(F, nsp_Y_hat, nsp_labels) * F.slice_axis(norms, 0, 1, 2)
+        return mlm, nsp                                          # (1,), (1,)
+
+
+class PackedPretrainObjective(LegacyBoundary, gluon.HybridBlock):
+    """`PretrainObjective` on a packed batch (`gluon_bert.data.packing`): the same losses
+    and gradients, with the encoder's per-token layers run on the real tokens only and the
+    MLM head on the real predictions only (`BERTModel.pretrain_packed`). At the book's shape
+    about half of the positions and of the prediction slots are padding."""
+
+    def __init__(self, net, **kwargs):
+        super().__init__(**kwargs)
+        self.net = net
+
+    def __call__(self, *args):
+        with warnings.catch_warnings():
+            # With gluon-bert's CPU kernels (gb_attention) unpack and pack go unused.
+            warnings.filterwarnings('ignore', message='.*not used by any computation')
+            return super().__call__(*args)
+
+    def hybrid_forward(self, F, tokens, segments, positions, valid_lens, unpack, pack,
+                       cls_rows, mlm_rows, weights, mlm_labels, nsp_labels, norms):
+        mlm_Y_hat, nsp_Y_hat = self.net.pretrain_packed(
+            F, tokens, segments, positions, valid_lens, unpack, pack, cls_rows, mlm_rows)
         mlm = _mlm_ce(F, mlm_Y_hat, mlm_labels, weights) * F.slice_axis(norms, 0, 0, 1)
         nsp = _ce(F, nsp_Y_hat, nsp_labels) * F.slice_axis(norms, 0, 1, 2)
         return mlm, nsp                                          # (1,), (1,)
@@ -193,19 +229,37 @@ class _Step:
 
 
 class PretrainStep(_Step):
-    """MLM + NSP loss for BERTModel. Returns (mlm, nsp) loss arrays, not yet computed."""
+    """MLM + NSP loss for BERTModel. Returns (mlm, nsp) loss arrays, not yet computed.
+
+    `packed=True` (the default) runs each shard packed (`data.packing`): the same losses
+    and gradients without the arithmetic on padding; `packed=False` runs the padded batch
+    through `BERTModel` as the book does."""
     keys = ('tokens', 'segments', 'valid_lens', 'pred_positions', 'mlm_weights',
             'mlm_labels', 'nsp_labels')
 
-    def __init__(self, net, *args, **kwargs):
+    def __init__(self, net, *args, packed=True, **kwargs):
         super().__init__(net, *args, **kwargs)
-        self.objective = _objective(PretrainObjective, net)
+        self.packed = packed
+        self.sizes = PackedSizes()  # packed shapes: grow-only, so the graph keeps one
+        self.objective = _objective(PackedPretrainObjective if packed else PretrainObjective,
+                                    net)
+
+    def _shards(self, batch):
+        """One tuple of NDArrays per device: the objective's inputs."""
+        if not self.packed:
+            return split_batch(batch, self.keys, self.contexts, self.rank, self.num_workers)
+        parts = host_shards(batch, self.keys, self.contexts, self.rank, self.num_workers)
+        num_tokens, num_rows = self.sizes.update([part for part, _ in parts])
+        # PACKED_KEYS is PackedPretrainObjective's input order
+        return [tuple(_as_nd(a[k], ctx) for k in PACKED_KEYS)
+                for a, ctx in ((pack_pretrain_batch(part, num_tokens, num_rows), ctx)
+                               for part, ctx in parts)]
 
     def __call__(self, batch):
         # batch: global normalisers from the host copy, then one shard per device
         norms = onp.array([1.0 / (float(batch['mlm_weights'].sum()) + 1e-8),
                            1.0 / len(batch['tokens'])], dtype='float32')
-        shards = split_batch(batch, self.keys, self.contexts, self.rank, self.num_workers)
+        shards = self._shards(batch)
         mlm_ls, nsp_ls = [], []
         # forward + loss, then backward: one graph per device, launched without waiting
         with autograd.record():
