@@ -16,7 +16,7 @@ from gluon_bert.bench import harness, suite
 from gluon_bert.cli import GLIBC_TUNABLES, main
 from gluon_bert.bench.flops import packed_model_flops
 from gluon_bert.config import BERTConfig
-from gluon_bert.ports.synthetic import synthetic_batch
+from gluon_bert.ports.synthetic import WIKITEXT2_LENGTHS, synthetic_batch
 
 TINY = Workload('tiny-pretrain', 'pretrain', 'tiny', 50, 4, 16, num_preds=3, steps=2, warmup=1)
 
@@ -224,3 +224,23 @@ def test_the_quick_suite_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr()
     assert '| target |' in printed.out
     assert '[1/5] finetune-small-512 ours-hybrid train step' in printed.err
+
+
+def test_the_book_lengths_batch_follows_wikitext2_and_the_15_percent_rule():
+    """pretrain-book's step batch: lengths drawn from the book's WikiText-2 examples (72% of
+    the positions real on average, none shorter than 5), predictions max(1, round(15%))."""
+    config = BERTConfig.from_preset('d2l.pretrain', vocab_size=20256)
+    batch = synthetic_batch(onp.random.default_rng(0), config, 'pretrain', 512, 64, 10,
+                            length_counts=WIKITEXT2_LENGTHS)
+    lengths = batch['valid_lens'].astype(int)
+    assert lengths.min() >= 5 and lengths[0] == 64
+    assert abs(lengths.mean() / 64 - 0.72) < 0.03
+    onp.testing.assert_array_equal((batch['mlm_weights'] != 0).sum(1),
+                                   onp.minimum(onp.maximum(1, onp.round(0.15 * lengths)), 10))
+    assert (batch['pred_positions'] < lengths[:, None]).all()
+    assert 'lengths' not in suite.WORKLOADS['finetune-small-128'].to_dict() or \
+        suite.WORKLOADS['finetune-small-128'].lengths == ''
+    assert suite.WORKLOADS['pretrain-book'].lengths == 'wikitext-2'
+    with pytest.raises(ValueError, match='length_counts'):
+        synthetic_batch(onp.random.default_rng(0), config, 'pretrain', 4, 16, 3,
+                        length_counts=WIKITEXT2_LENGTHS)

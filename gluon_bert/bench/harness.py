@@ -98,7 +98,7 @@ def stats(times):
 def prepare_inputs(w: Workload, folder, seed=0):
     """The workload's config, initial weights and synthetic batch, written for the workers."""
     from ..config import BERTConfig
-    from ..ports.synthetic import synthetic_batch
+    from ..ports.synthetic import WIKITEXT2_LENGTHS, synthetic_batch
     from .worker import initial_params
     config = BERTConfig.from_preset(w.preset, vocab_size=w.vocab_size)
     if w.seq_len > config.max_len:
@@ -107,8 +107,12 @@ def prepare_inputs(w: Workload, folder, seed=0):
     base = os.path.join(folder, w.name)
     params_path, batch_path = base + '.params.npz', base + '.batch.npz'
     np.savez(params_path, **initial_params(config, w.task, seed))
+    # the book's WikiText-2 lengths where the workload asks for them at their 64 positions
+    # (a --quick workload is shorter: uniform lengths)
+    counts = WIKITEXT2_LENGTHS if w.lengths == 'wikitext-2' and \
+        w.seq_len == len(WIKITEXT2_LENGTHS) - 1 else None
     batch = synthetic_batch(np.random.default_rng(seed), config, w.task, w.batch_size,
-                            w.seq_len, w.num_preds)
+                            w.seq_len, w.num_preds, length_counts=counts)
     np.savez(batch_path, **batch)
     packed = packed_model_flops(config, batch) if w.task == 'pretrain' else None
     return dict(config=config, params=params_path, batch=batch_path,
@@ -382,17 +386,20 @@ def run_suite(suite='issue10', quick=False, variants=None, workloads=None, repea
 
 def run_bench(frameworks=('mxnet', 'd2l', 'torch', 'jax'), task='pretrain',
               preset='d2l.pretrain', vocab_size=20256, batch_size=512, seq_len=64,
-              num_preds=10, steps=10, warmup=2, devices=None, seed=0, out=DEFAULT_OUT,
+              num_preds=10, lengths='wikitext-2', steps=10, warmup=2, devices=None, seed=0,
+              out=DEFAULT_OUT,
               modes=('train',), repeats=1, allocator=None, dtype='float32', timeout=1800,
               progress=False, worker=WORKER):
     """One workload of your own, each variant (or framework name of the first harness:
     mxnet, d2l, torch, torch.compile, jax) in its own worker; returns the rows, whose
-    'framework' is the name asked for."""
+    'framework' is the name asked for. `lengths`: 'wikitext-2' (the book's pretraining
+    lengths, where the shape is the book's) or 'uniform'."""
     names = {}
     for fw in frameworks:
         names.setdefault(resolve_variants([fw])[0], fw)
     w = Workload('custom', task, preset, vocab_size, batch_size, seq_len,
-                 num_preds if task == 'pretrain' else 0, steps, warmup)
+                 num_preds if task == 'pretrain' else 0, steps, warmup,
+                 lengths=lengths if lengths != 'uniform' else '')
     allocator = allocator or default_allocator()
     measurements = [Measurement(m.workload, m.variant, m.mode, m.scope, m.dtype, allocator,
                                 m.skipped)

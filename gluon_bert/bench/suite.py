@@ -30,6 +30,7 @@ class Workload:
     warmup: int = 2
     loop_steps: int = 0       # >0: also the whole loop, timed over this many steps
     data: str = ''            # the real data set of the loop: 'wikitext-2' or 'snli'
+    lengths: str = ''         # the step's batch: uniform lengths, or 'wikitext-2''s
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,7 +83,7 @@ NO_LOOP = {
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     # the book's pretraining shape (sec. "Pretraining BERT")
     Workload('pretrain-book', 'pretrain', 'd2l.pretrain', 20256, 512, 64, num_preds=10,
-             steps=6, warmup=2, loop_steps=10, data='wikitext-2'),
+             steps=6, warmup=2, loop_steps=10, data='wikitext-2', lengths='wikitext-2'),
     # the book's fine-tuning shape (sec. "Fine-Tuning BERT"), at two batch sizes
     Workload('finetune-small-128', 'finetune', 'bert.small', 20256, 128, 128, steps=6,
              warmup=2),

@@ -236,6 +236,8 @@ def _train(cfg, placement, resume, progress, stop_after, given, start):
                          seed=cfg.seed, clip_norm=cfg.clip_norm, **extra)
     if optimizer_state:
         runner.load_optimizer_state(optimizer_state)
+    if state:
+        runner.load_step_state(state.get('step_state', {}))
 
     pretraining = cfg.task == 'pretrain'
     steps_per_epoch = len(train_loader)
@@ -277,7 +279,8 @@ def _train(cfg, placement, resume, progress, stop_after, given, start):
         return save_checkpoint(cfg.out_dir, at_step, params, config, vocab,
                                dict(task=cfg.task, framework=runner.name,
                                     train_config=cfg.to_dict(), history=run_log.history,
-                                    window=rows, resumes=resumes),
+                                    window=rows, resumes=resumes,
+                                    step_state=runner.step_state()),
                                runner.optimizer_state())
 
     meter = Throughput()

@@ -110,6 +110,15 @@ class _Runner:
         """Metrics of many steps -> floats, in one read-back where the framework allows."""
         return [metrics_to_floats(m) for m in pending]
 
+    def step_state(self) -> dict[str, Any]:
+        """What the step itself carries from batch to batch beside the weights and the
+        optimizer (JSON), saved with every checkpoint so that a resumed run repeats the
+        uninterrupted one exactly: MXNet's packed sizes (`data.packing.PackedSizes`)."""
+        return {}
+
+    def load_step_state(self, state: Mapping[str, Any]) -> None:
+        """Take back what `step_state` gave."""
+
     def evaluate(self, loader) -> tuple[float, int]:
         """(correctly classified, examples) over a loader (fine-tuning)."""
         correct = total = 0
@@ -219,6 +228,20 @@ class MXNetRunner(_Runner):
     def params(self):
         return {k: p.data(self.contexts[0]).asnumpy()
                 for k, p in self.net._collect_params_with_prefix().items()}
+
+    def step_state(self):
+        # The packed shapes grow with the batches seen; summation orders in the dense layers
+        # follow the shapes, so a resumed run must start from the same ones to repeat the
+        # uninterrupted run bit for bit.
+        sizes = getattr(self.step, 'sizes', None)
+        if sizes is None or not getattr(self.step, 'packed', False):
+            return {}
+        return {'packed_sizes': [sizes.num_tokens, sizes.num_rows]}
+
+    def load_step_state(self, state):
+        sizes = getattr(self.step, 'sizes', None)
+        if sizes is not None and 'packed_sizes' in state:
+            sizes.num_tokens, sizes.num_rows = (int(n) for n in state['packed_sizes'])
 
     def optimizer_state(self):
         updater = self.trainer._updaters[0]
