@@ -186,3 +186,19 @@ def test_packed_step_trains_as_the_padded_step(preset):
         moved += not onp.array_equal(got, before[name])
     assert moved >= len(p1) - 1  # every parameter trained (a W_k bias may get ~0)
 
+
+
+def test_reserved_sizes_hold_for_every_batch_shown():
+    """The loop shows the step an epoch's batches first (`runner.reserve`): the step then
+    runs all of them at one shape, its graph planned once."""
+    net, _ = _twins('tiny')
+    step = PretrainStep(net, make_trainer(net.collect_params(), 0.1, None, 'sgd'), [mx.cpu()])
+    batches = [_batch(seed, L=12) for seed in range(10, 16)]
+    for b in batches:
+        step.reserve(b)
+    reserved = (step.sizes.num_tokens, step.sizes.num_rows)
+    assert reserved[0] >= max(int(b['valid_lens'].sum()) for b in batches)
+    for b in batches:
+        step(b)
+        assert (step.sizes.num_tokens, step.sizes.num_rows) == reserved
+    mx.nd.waitall()

@@ -5,8 +5,9 @@
     gluon-bert bench --frameworks mxnet,d2l --preset tiny --batch-size 8 ...   one workload
 
 Variants (`suite.VARIANTS`): the book's own d2l code in MXNet (`d2l-mxnet`) and PyTorch
-(`d2l-pytorch`); this package imperative (`ours-imperative`), hybridized (`ours-hybrid`) and,
-for the whole fine-tuning loop, length-bucketed (`ours-bucketed`); GluonNLP 0.10's BERT of
+(`d2l-pytorch`); this package imperative (`ours-imperative`), hybridized (`ours-hybrid`; its
+pretraining step packed, `data.packing`), hybridized with the padded pretraining step
+(`ours-padded`) and, for the whole fine-tuning loop, length-bucketed (`ours-bucketed`); GluonNLP 0.10's BERT of
 the same shape (`gluonnlp`); our PyTorch port eager and compiled (`torch-eager`,
 `torch-compile`) and our JAX port (`jax-jit`). Workloads (`suite.WORKLOADS`): the book's
 pretraining shape (`pretrain-book`), `bert.small` fine-tuning at batch 128 and 512
@@ -25,7 +26,9 @@ the timer stops (`mx.nd.waitall()`, `torch.cuda.synchronize()` on CUDA,
 `block_until_ready()`), and records getrusage over the timed steps (minor page faults and
 system seconds per step, peak RSS). Each round also times MXNet's FullyConnected at 2048^3
 in float32 and bfloat16: the machine's matmul peak, against which the model's FLOP/s
-(`flops.model_flops`, counted from the shape) are shared. `--repeats R` runs R rounds back to
+(`flops.model_flops`, counted from the shape; `flops.packed_model_flops` for a packed
+step, which skips the padding) are shared. The pretraining batch has the book's WikiText-2
+lengths (`ports.synthetic.WIKITEXT2_LENGTHS`). `--repeats R` runs R rounds back to
 back; ratios are taken within a round, then summarised (median, range).
 
 Output: one JSON line per measurement and round appended to experiments/results/bench.jsonl;
@@ -34,14 +37,14 @@ every measurement) and bench_<suite>.png. A variant whose framework is not insta
 `skipped` row; a worker that crashes or runs past --timeout gives an `error` row, and the run
 goes on.
 """
-from .flops import model_flops, model_macs
+from .flops import model_flops, model_macs, packed_model_flops
 from .harness import DEFAULT_OUT, RESULTS_DIR, run_bench, run_measurements, run_suite, stats
 from .report import (TARGETS, check_targets, format_rows, format_summary, format_targets,
                      summarize, write_markdown, write_plot)
 from .suite import ALIASES, SUITES, VARIANTS, WORKLOADS, Measurement, Workload, plan
 
 __all__ = ['run_bench', 'run_suite', 'run_measurements', 'format_rows', 'format_summary',
-           'format_targets', 'model_flops', 'model_macs', 'check_targets', 'summarize',
-           'write_markdown', 'write_plot', 'stats', 'TARGETS', 'VARIANTS', 'WORKLOADS',
-           'SUITES', 'ALIASES', 'Measurement', 'Workload', 'plan', 'DEFAULT_OUT',
-           'RESULTS_DIR']
+           'format_targets', 'model_flops', 'model_macs', 'packed_model_flops',
+           'check_targets', 'summarize', 'write_markdown', 'write_plot', 'stats', 'TARGETS',
+           'VARIANTS', 'WORKLOADS', 'SUITES', 'ALIASES', 'Measurement', 'Workload', 'plan',
+           'DEFAULT_OUT', 'RESULTS_DIR']

@@ -38,6 +38,10 @@ from .schedule import learning_rate
 
 __all__ = ['train', 'initial_state', 'check_devices', 'run_average', 'Window']
 
+# how many of an epoch's batches a run shows its runner before the first step
+# (`runner.reserve`): all of WikiText-2's at the book's batch, a few seconds at most
+RESERVE_BATCHES = 256
+
 
 def run_average(history, key):
     """Mean of `key` over every update of the run: what the book prints (its MLM 7.292 and
@@ -236,13 +240,19 @@ def _train(cfg, placement, resume, progress, stop_after, given, start):
                          seed=cfg.seed, clip_norm=cfg.clip_norm, **extra)
     if optimizer_state:
         runner.load_optimizer_state(optimizer_state)
-    if state:
-        runner.load_step_state(state.get('step_state', {}))
 
     pretraining = cfg.task == 'pretrain'
     steps_per_epoch = len(train_loader)
     total = cfg.num_steps if pretraining else steps_per_epoch * cfg.num_epochs
     step = state['step'] if state else 0
+    # shapes: a step whose shapes follow its batches sees this epoch's batches first (its
+    # graph planned once, not again in the middle of the run); a resumed run then takes the
+    # checkpoint's, which include everything the run had seen
+    epoch = step // steps_per_epoch
+    runner.reserve(train_loader.make_batch(idx)
+                   for idx in train_loader.batch_indices(epoch)[:RESERVE_BATCHES])
+    if state:
+        runner.load_step_state(state.get('step_state', {}))
     history = state['history'] if state else []
     resumes = list(state.get('resumes', [])) if state else []
     if ckpt is not None:

@@ -110,6 +110,12 @@ class _Runner:
         """Metrics of many steps -> floats, in one read-back where the framework allows."""
         return [metrics_to_floats(m) for m in pending]
 
+    def reserve(self, batches) -> None:
+        """Before the first step: the batches to come (an iterable of batch dicts), so that a
+        step whose shapes follow its batches (MXNet's packed pretraining) plans its graph
+        for all of them at once instead of again whenever a larger one comes. Others ignore
+        them (and do not read the iterable)."""
+
     def step_state(self) -> dict[str, Any]:
         """What the step itself carries from batch to batch beside the weights and the
         optimizer (JSON), saved with every checkpoint so that a resumed run repeats the
@@ -228,6 +234,11 @@ class MXNetRunner(_Runner):
     def params(self):
         return {k: p.data(self.contexts[0]).asnumpy()
                 for k, p in self.net._collect_params_with_prefix().items()}
+
+    def reserve(self, batches):
+        if getattr(self.step, 'packed', False):
+            for batch in batches:
+                self.step.reserve(batch)
 
     def step_state(self):
         # The packed shapes grow with the batches seen; summation orders in the dense layers

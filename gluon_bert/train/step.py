@@ -244,16 +244,21 @@ class PretrainStep(_Step):
         self.objective = _objective(PackedPretrainObjective if packed else PretrainObjective,
                                     net)
 
+    def reserve(self, batch):
+        """Grow the packed sizes for `batch` without running it (the loop passes the epoch's
+        batches before the first step, so that the graph is planned once)."""
+        # one size for the shards of every worker (each holds the global batch): workers
+        # keep equal shapes, and any of them can save the sizes for all (runner.step_state)
+        every = [part for r in range(self.num_workers) for part, _ in
+                 host_shards(batch, self.keys, self.contexts, r, self.num_workers)]
+        return self.sizes.update(every)
+
     def _shards(self, batch):
         """One tuple of NDArrays per device: the objective's inputs."""
         if not self.packed:
             return split_batch(batch, self.keys, self.contexts, self.rank, self.num_workers)
         parts = host_shards(batch, self.keys, self.contexts, self.rank, self.num_workers)
-        # one size for the shards of every worker (each holds the global batch): workers
-        # keep equal shapes, and any of them can save the sizes for all (runner.step_state)
-        every = [part for r in range(self.num_workers) for part, _ in
-                 host_shards(batch, self.keys, self.contexts, r, self.num_workers)]
-        num_tokens, num_rows = self.sizes.update(every)
+        num_tokens, num_rows = self.reserve(batch)
         # PACKED_KEYS is PackedPretrainObjective's input order
         return [tuple(_as_nd(a[k], ctx) for k in PACKED_KEYS)
                 for a, ctx in ((pack_pretrain_batch(part, num_tokens, num_rows), ctx)
