@@ -95,6 +95,8 @@ def test_packed_sizes_grow_only_in_steps_and_never_past_the_padded_batch():
     tiny = _batch(4, B=2, L=5, P=2)
     t, r = PackedSizes().update(tiny)
     assert t <= tiny['tokens'].size and r <= tiny['mlm_weights'].size
+    # ... but an epoch's short last batch does not shrink the sizes of the full ones
+    assert sizes.update(tiny) == (96, sizes.num_rows)
 
 
 # -- the packed model and step against the padded ones ---------------------------------------
@@ -194,6 +196,7 @@ def test_reserved_sizes_hold_for_every_batch_shown():
     net, _ = _twins('tiny')
     step = PretrainStep(net, make_trainer(net.collect_params(), 0.1, None, 'sgd'), [mx.cpu()])
     batches = [_batch(seed, L=12) for seed in range(10, 16)]
+    batches.append(_batch(16, B=3, L=12))  # an epoch's short last batch
     for b in batches:
         step.reserve(b)
     reserved = (step.sizes.num_tokens, step.sizes.num_rows)

@@ -44,7 +44,8 @@ class PackedSizes:
     """Grow-only packed sizes: the largest needed so far, rounded up.
 
     `update(batch)` returns (num_tokens, num_rows) for a batch (or a list of shards, which
-    share one size): at least what the batch needs, never less than before, and never more
+    share one size): at least what the batch needs and never less than before (an epoch's
+    short last batch runs at the sizes of the full ones); what a batch adds is never more
     than the padded batch has (B * L tokens, B * P predictions). Sizes are rounded up to a
     `granularity`-th of the padded size (at least 8), so a static graph is planned again
     only when a batch needs more than any before, at most `granularity` times."""
@@ -55,7 +56,7 @@ class PackedSizes:
 
     def _grow(self, have, need, cap):
         step = max(8, -(-cap // self.granularity))
-        return min(max(have, _round_up(need, step)), cap)
+        return max(have, min(_round_up(need, step), cap))
 
     def update(self, shards):
         if isinstance(shards, dict):
