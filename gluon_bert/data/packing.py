@@ -1,15 +1,16 @@
 """Packed (unpadded) pretraining batches: only the real tokens and the real predictions.
 
 A padded pretraining batch spends much of its arithmetic on nothing. At the book's shape
-(batch 512, max_len 64, 10 prediction slots) a WikiText-2 pair fills about half of its 64
-positions, and slots past an example's real predictions carry weight 0; yet the encoder's
-dense layers run on every position and the MLM decoder (128 -> 20,256 words) on every slot.
+(batch 512, max_len 64, 10 prediction slots) a WikiText-2 pair fills 72% of its 64
+positions on average and uses 7 of its 10 slots, the others carrying weight 0; yet the
+encoder's dense layers run on every position and the MLM decoder (128 -> 20,256 words) on
+every slot.
 Nothing reads those results: attention masks padded keys out, no loss reads a padded
 query, and a weight-0 slot adds 0 to the loss and to every gradient.
 
 `pack_pretrain_batch` rewrites one shard of a batch (numpy, on the host) so that the model
 can run its per-token layers on the T real tokens only and its MLM head on the K real
-predictions only (`BERTEncoder.encode_packed`, `step.PretrainObjective`):
+predictions only (`BERTEncoder.encode_packed`, `step.PackedPretrainObjective`):
 
 * ``tokens``, ``segments``, ``positions`` (T',): the real tokens in row-major order,
   their segment ids and their position in the sequence;

