@@ -103,6 +103,7 @@ def test_packed_sizes_grow_only_in_steps_and_never_past_the_padded_batch():
 
 
 @pytest.mark.parametrize('preset', ['tiny', 'tiny.bert'])
+@pytest.mark.filterwarnings('ignore:.*not used by any computation')  # gb_attention: no unpack
 def test_packed_model_equals_the_padded_model_at_real_positions(preset, hybridize):
     """encode_packed's rows are forward's rows at the real positions; the MLM and NSP
     outputs are the padded model's at the real predictions. `tiny.bert` has the BERT
