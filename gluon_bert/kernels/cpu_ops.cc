@@ -801,19 +801,20 @@ static inline int round_lanes(int n) { return (n + kLanes - 1) / kLanes * kLanes
 
 // The dropout draw of probability (b, head, i, k): the counter-based hash of gb_dropout,
 // keyed by the query's packed row, the head and the key's place in the sequence.
-static inline float keep_scale(uint32_t seed, int64_t row, int heads, int head, int k,
-                               uint32_t threshold, float scale) {
-  const uint64_t i = ((static_cast<uint64_t>(row) * heads + head) << 16) + k;  // L < 2^16
-  const uint32_t h = mix32(seed ^ mix32(static_cast<uint32_t>(i) +
-                                        0x9e3779b9U * static_cast<uint32_t>(i >> 32)));
-  return h >= threshold ? scale : 0.f;
-}
-
 struct AttnDims {
   int64_t T, B;
   int H, h, d;
   float alpha, p;
+  uint32_t threshold;  // the dropout: an element is kept where its hash is >= threshold
+  float scale;         // and then scaled by 1 / (1 - p)
 };
+
+static inline float keep_scale(const AttnDims& a, uint32_t seed, int64_t row, int head, int k) {
+  const uint64_t i = ((static_cast<uint64_t>(row) * a.h + head) << 16) + k;  // L < 2^16
+  const uint32_t h = mix32(seed ^ mix32(static_cast<uint32_t>(i) +
+                                        0x9e3779b9U * static_cast<uint32_t>(i >> 32)));
+  return h >= a.threshold ? a.scale : 0.f;
+}
 
 static MXReturnValue attn_parse(const Attrs& attrs, int* num_in, int* num_out) {
   *num_in = 4;
@@ -863,21 +864,30 @@ static AttnDims attn_dims(const Attrs& attrs, const MXTensor& q, const MXTensor&
   a.d = a.H / a.h;
   a.alpha = float_attr(attrs, "alpha", 1.f);
   a.p = float_attr(attrs, "p", 0.f);
+  a.threshold = static_cast<uint32_t>(static_cast<double>(a.p) * 4294967296.0);
+  a.scale = 1.f / (1.f - a.p);
   return a;
 }
 
 // Each sequence's first packed row: starts[b] = sum of valid_lens before b; starts[B] is
-// the number of real rows. An error when they do not fit in the T rows.
+// the number of real rows. An error (false, with the message) when a length is out of
+// range or they do not fit in the T rows.
 static bool sequence_starts(MXTensor& lens, int64_t T, std::vector<int64_t>* starts) {
   const float* l = lens.data<float>();
   const int64_t B = lens.shape[0];
   starts->assign(B + 1, 0);
-  for (int64_t b = 0; b < B; ++b) {
+  bool ok = true;
+  for (int64_t b = 0; b < B && ok; ++b) {
     const int64_t n = static_cast<int64_t>(l[b]);
-    if (n < 0 || n >= 65536) return false;  // the dropout's counter has 16 bits for a key
+    ok = n >= 0 && n < 65536;  // the dropout's counter has 16 bits for a key
     (*starts)[b + 1] = (*starts)[b] + n;
   }
-  return (*starts)[B] <= T;
+  if (!ok || (*starts)[B] > T) {
+    MX_ERROR_MSG << "gb_attention: valid_lens must be in [0, 65536) and add up to at most "
+                 << T << " (the rows of q)";
+    return false;
+  }
+  return true;
 }
 
 // Row i's probabilities over its L keys: s (Lp,) holds the scores q_i k^T on entry and
@@ -895,11 +905,7 @@ static MXReturnValue attn_forward(const Attrs& attrs, std::vector<MXTensor>* in,
                                   std::vector<MXTensor>* out, const OpResource& res) {
   const AttnDims a = attn_dims(attrs, (*in)[0], (*in)[3]);
   std::vector<int64_t> starts;
-  if (!sequence_starts((*in)[3], a.T, &starts)) {
-    MX_ERROR_MSG << "gb_attention: valid_lens must be in [0, 65536) and add up to at most "
-                 << a.T << " (the rows of q)";
-    return MX_FAIL;
-  }
+  if (!sequence_starts((*in)[3], a.T, &starts)) return MX_FAIL;
   const float* q = (*in)[0].data<float>();
   const float* k = (*in)[1].data<float>();
   const float* v = (*in)[2].data<float>();
@@ -908,8 +914,6 @@ static MXReturnValue attn_forward(const Attrs& attrs, std::vector<MXTensor>* in,
   int32_t* seed_out = static_cast<int32_t*>((*out)[2].data_ptr);
   const uint32_t seed = a.p > 0.f ? (*res.get_cpu_rand_states())() : 0u;
   std::memcpy(seed_out, &seed, sizeof seed);
-  const uint32_t threshold = static_cast<uint32_t>(static_cast<double>(a.p) * 4294967296.0);
-  const float scale = 1.f / (1.f - a.p);
   const int64_t real = starts[a.B];
   // padding rows: zeros
   std::memset(o + real * a.H, 0, (a.T - real) * a.H * sizeof(float));
@@ -940,7 +944,7 @@ static MXReturnValue attn_forward(const Attrs& attrs, std::vector<MXTensor>* in,
         rowmat(q + row * a.H + head * a.d, a.d, kt.data(), Lp, Lp, s.data(), false);
         lse[row * a.h + head] = softmax_row(s.data(), L, Lp, a.alpha);
         if (a.p > 0.f)
-          for (int j = 0; j < L; ++j) s[j] *= keep_scale(seed, row, a.h, head, j, threshold, scale);
+          for (int j = 0; j < L; ++j) s[j] *= keep_scale(a, seed, row, head, j);
         rowmat(s.data(), L, vb.data(), dp, dp, ob.data(), false);
         std::memcpy(o + row * a.H + head * a.d, ob.data(), a.d * sizeof(float));
       }
@@ -958,11 +962,7 @@ static MXReturnValue attn_backward(const Attrs& attrs, std::vector<MXTensor>* in
                                    std::vector<MXTensor>* out, const OpResource&) {
   const AttnDims a = attn_dims(attrs, (*in)[3], (*in)[6]);
   std::vector<int64_t> starts;
-  if (!sequence_starts((*in)[6], a.T, &starts)) {
-    MX_ERROR_MSG << "gb_attention: valid_lens must be in [0, 65536) and add up to at most "
-                 << a.T << " (the rows of q)";
-    return MX_FAIL;
-  }
+  if (!sequence_starts((*in)[6], a.T, &starts)) return MX_FAIL;
   const float* dout = (*in)[0].data<float>();
   const float* q = (*in)[3].data<float>();
   const float* k = (*in)[4].data<float>();
@@ -973,8 +973,6 @@ static MXReturnValue attn_backward(const Attrs& attrs, std::vector<MXTensor>* in
   float* dq = (*out)[0].data<float>();
   float* dk = (*out)[1].data<float>();
   float* dv = (*out)[2].data<float>();
-  const uint32_t threshold = static_cast<uint32_t>(static_cast<double>(a.p) * 4294967296.0);
-  const float scale = 1.f / (1.f - a.p);
   const int64_t real = starts[a.B];
   for (float* g : {dq, dk, dv}) std::memset(g + real * a.H, 0, (a.T - real) * a.H * sizeof(float));
   const int dp = round_lanes(a.d);
@@ -1020,7 +1018,7 @@ static MXReturnValue attn_backward(const Attrs& attrs, std::vector<MXTensor>* in
         rowmat(&dob[static_cast<size_t>(i) * dp], a.d, vt.data(), Lp, Lp, dpd.data(), false);
         float dot = 0.f;
         for (int j = 0; j < L; ++j) {
-          const float keep = a.p > 0.f ? keep_scale(seed, row, a.h, head, j, threshold, scale) : 1.f;
+          const float keep = a.p > 0.f ? keep_scale(a, seed, row, head, j) : 1.f;
           dpd[j] *= keep;
           pdt[static_cast<size_t>(j) * Lp + i] = s[j] * keep;
           dot += s[j] * dpd[j];
