@@ -36,19 +36,30 @@ def test_model_flops_by_hand():
     assert model_flops(config, 'finetune', 4, 16, train=False) == 2 * 4 * (2 * block + classifier)
     with pytest.raises(ValueError):
         model_flops(config, 'nli', 4, 16)
-    # packed: a batch without padding computes what the padded count says ...
+    # the classifier's last block at <cls> only: keys and values for all 16 positions
+    # (2*16*32*32), query and output projections (2*32*32), one query's scores and values
+    # (2*16*32) and the FFN (2*32*64) for one row
+    last_cls = 32768 + 2048 + 1024 + 4096
+    assert model_flops(config, 'finetune', 4, 16, train=False, lean=True) == \
+        2 * 4 * (block + last_cls + classifier)
+    # packed: a batch without padding computes what the padded count says, but the last
+    # block's output projection and FFN only at the 4 <cls> + 12 predicted rows
     full = synthetic_batch(onp.random.default_rng(0), config, 'pretrain', 4, 16, 3,
                            full_length=True)
     full['mlm_weights'][:] = 1.0
-    assert packed_model_flops(config, full) == model_flops(config, 'pretrain', 4, 16, 3)
+    last = 64 * 3 * 32 * 32 + 4 * 16384 + 16 * (32 * 32 + 2 * 32 * 64)
+    assert packed_model_flops(config, full, train=False) == \
+        model_flops(config, 'pretrain', 4, 16, 3, train=False) - 2 * (4 * block - last)
+    assert packed_model_flops(config, full) == 3 * packed_model_flops(config, full, False)
     # ... and one sequence of 8 tokens instead of 16 saves 8 tokens' projections and FFN
-    # (packed sizes go in steps of 8 tokens at least)
+    # (Q, K, V only in the last block; packed sizes go in steps of 8 tokens at least) and
+    # 16^2 - 8^2 query-key pairs of attention in each block
     short = {k: v.copy() for k, v in full.items()}
     short['valid_lens'][1] = 8
     short['pred_positions'][1] %= 8
-    per_token = 2 * (4 * 32 * 32 + 2 * 32 * 64)  # 2 blocks
+    saved = 8 * (4 * 32 * 32 + 2 * 32 * 64) + 8 * 3 * 32 * 32 + 2 * 2 * 32 * (256 - 64)
     assert packed_model_flops(config, short, train=False) == \
-        model_flops(config, 'pretrain', 4, 16, 3, train=False) - 2 * 8 * per_token
+        packed_model_flops(config, full, train=False) - 2 * saved
 
 
 def test_stats_median_and_spread():

@@ -293,3 +293,43 @@ def test_old_configs_read_as_the_book_and_bad_options_are_refused():
     for bad in (dict(activation='gelu_new'), dict(layer_norm_eps=0), dict(embedding_norm=1)):
         with pytest.raises(ConfigError):
             BERTConfig.from_preset('tiny', vocab_size=9, **bad)
+
+
+@pytest.mark.parametrize('kernels_on', [True, False], ids=['kernels', 'stock-ops'])
+@pytest.mark.parametrize('preset', ['tiny', 'tiny.bert'])
+def test_classifier_reads_cls_alone_with_the_same_logits_and_gradients(
+        preset, kernels_on, hybridize, monkeypatch):
+    # first_only (the default) runs the last block at <cls> only; the logits and every
+    # gradient are those of the whole last block (first_only=False, the book's arithmetic)
+    from gluon_bert import kernels
+    if not kernels_on:
+        monkeypatch.setattr(kernels, 'use_here', lambda *args: False)
+    config = BERTConfig.from_preset(preset, vocab_size=VOCAB, dropout=0.0)
+    nets = [BERTClassifier(config, first_only=flag) for flag in (True, False)]
+    for net in nets:
+        net.initialize(init.Xavier())
+    tokens, segments, valid_lens, _ = (mx.nd.array(a, dtype=a.dtype) for a in
+                                       make_batch(onp.random.RandomState(5), 5, 14, 1))
+    nets[0](tokens, segments, valid_lens)
+    nets[1](tokens, segments, valid_lens)
+    params = [n._collect_params_with_prefix() for n in nets]
+    assert set(params[0]) == set(params[1])  # the same parameters, the same names
+    for k, p in params[0].items():
+        params[1][k].set_data(p.data())
+    results = []
+    for net in nets:
+        if hybridize:
+            net.hybridize(static_alloc=True, static_shape=True)
+        with autograd.record():
+            logits = net(tokens, segments, valid_lens)                       # (B, C)
+            loss = (logits * mx.nd.array(onp.arange(1, 16).reshape(5, 3))).sum()
+        loss.backward()
+        results.append((logits.asnumpy(), {k: p.grad().asnumpy().copy()
+                                           for k, p in net._collect_params_with_prefix().items()}))
+    (lean, g_lean), (full, g_full) = results
+    assert lean.shape == (5, 3)
+    onp.testing.assert_allclose(lean, full, rtol=1e-5, atol=1e-5)
+    floor = 1e-3 * max(onp.abs(g).max() for g in g_full.values())
+    for k in g_full:
+        scale = max(onp.abs(g_full[k]).max(), floor)
+        assert onp.abs(g_lean[k] - g_full[k]).max() / scale < 1e-4, k

@@ -11,18 +11,27 @@ decoder); NSP head or classifier with C outputs: H^2 + H C (the pooler `hidden`,
 output layer). A multiply-add is 2 FLOPs; a training step (forward + backward) is 3 times
 the forward pass (the backward computes two products per forward product).
 
-A packed pretraining step (`gluon_bert.data.packing`) does less: its projections, FFN and
-MLM head run on the real tokens and predictions only (padded up to its packed sizes), its
-attention products on the padded (L, L) blocks. `packed_model_flops` counts that, the
-arithmetic the machine executes; `model_flops` counts the padded batch's.
+Ours does less where nothing reads the result, and `lean=True` counts what it executes:
+* fine-tuning: the classifier reads the last block at <cls> only, so that block computes
+  one query row per sequence (keys and values still at every position):
+  2 L H^2 + 2 H^2 + 2 L H + 2 H F instead of a whole block;
+* a packed pretraining step (`gluon_bert.data.packing`, `packed_model_flops`): projections,
+  FFN and MLM head on the real tokens and predictions only (padded up to the packed
+  sizes), attention over each sequence's own L_b rows (2 L_b^2 H), and the last block's
+  output projection and FFN at the B + K rows the heads read.
+`model_flops` without `lean` counts the padded batch, every position, as the book computes.
 """
 from __future__ import annotations
+
+import numpy as np
 
 __all__ = ['model_macs', 'model_flops', 'packed_model_flops']
 
 
-def model_macs(config, task: str, seq_len: int, num_preds: int = 0) -> int:
-    """Multiply-adds of one sequence's forward pass."""
+def model_macs(config, task: str, seq_len: int, num_preds: int = 0,
+               lean: bool = False) -> int:
+    """Multiply-adds of one sequence's forward pass (`lean`: the classifier's last block at
+    <cls> only)."""
     if task not in ('pretrain', 'finetune'):
         raise ValueError(f"task must be 'pretrain' or 'finetune', got {task!r}")
     L, H, F = seq_len, config.num_hiddens, config.ffn_num_hiddens
@@ -32,15 +41,17 @@ def model_macs(config, task: str, seq_len: int, num_preds: int = 0) -> int:
         macs += num_preds * (H * H + H * config.vocab_size)  # MLM: dense, then the decoder
         macs += H * H + H * 2                                 # NSP: hidden, then 2 outputs
     else:
+        if lean:  # the last block: keys and values everywhere, the rest for <cls> alone
+            macs += (2 * L * H * H + 2 * H * H + 2 * L * H + 2 * H * F) - block
         macs += H * H + H * config.num_classes                # classifier: hidden, output
     return macs
 
 
 def model_flops(config, task: str, batch_size: int, seq_len: int, num_preds: int = 0,
-                train: bool = True) -> int:
+                train: bool = True, lean: bool = False) -> int:
     """FLOPs of one step on a (batch_size, seq_len) batch: forward only, or forward +
     backward (x3) with `train`."""
-    forward = 2 * batch_size * model_macs(config, task, seq_len, num_preds)
+    forward = 2 * batch_size * model_macs(config, task, seq_len, num_preds, lean)
     return 3 * forward if train else forward
 
 
@@ -49,11 +60,14 @@ def packed_model_flops(config, batch, train: bool = True) -> int:
     sizes that `train.step.PretrainStep` gives it on its own (one shard)."""
     from ..data.packing import PackedSizes
     T, K = PackedSizes().update(batch)
-    B, L = batch['tokens'].shape
+    B = batch['tokens'].shape[0]
+    lengths = np.asarray(batch['valid_lens'], dtype=np.int64)
     H, F = config.num_hiddens, config.ffn_num_hiddens
-    per_token = 4 * H * H + 2 * H * F           # projections and FFN, per real token
-    attention = 2 * L * L * H                   # scores and weighted values, per sequence
-    macs = config.num_blks * (T * per_token + B * attention)
+    attention = 2 * H * int((lengths ** 2).sum())  # scores and weighted values, own rows
+    full = T * (4 * H * H + 2 * H * F) + attention
+    # the last block: Q, K, V projections and attention everywhere, the rest at B + K rows
+    last = T * 3 * H * H + attention + (B + K) * (H * H + 2 * H * F)
+    macs = (config.num_blks - 1) * full + last
     macs += K * (H * H + H * config.vocab_size)  # MLM head on the real predictions
     macs += B * (H * H + H * 2)                  # NSP head
     return 3 * 2 * macs if train else 2 * macs

@@ -51,12 +51,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     'ours-imperative': dict(about='this package, MXNetRunner(hybridize=False)',
                             needs=('mxnet',), scopes=('step',)),
     'ours-hybrid': dict(about='this package, MXNetRunner (hybridized, static memory; '
-                              'pretraining steps packed: no arithmetic on padding)',
+                              'no arithmetic on what nothing reads: pretraining steps '
+                              'packed, the last block only at the rows the heads read)',
                         needs=('mxnet',), scopes=('step', 'loop')),
-    'ours-padded': dict(about='ours-hybrid with its pretraining step on the padded batch '
-                              '(packed=False), as the book computes it',
-                        needs=('mxnet',), scopes=('step',), tasks=('pretrain',),
-                        modes=('train',)),  # inference is the same padded forward
+    'ours-padded': dict(about='ours-hybrid with the book\'s arithmetic (packed=False): the '
+                              'padded pretraining batch, the classifier\'s last block on '
+                              'every position',
+                        needs=('mxnet',), scopes=('step',), modes=('train',)),
     'ours-bucketed': dict(about='this package, whole loop with length-bucketed batches '
                                 "(pad_to='longest', bucket=True)",
                           needs=('mxnet',), scopes=('loop',), tasks=('finetune',)),

@@ -86,9 +86,6 @@ def _ours(variant, config, params, batch, task, dtype, devices, lr):
     from ..train.runners import MXNetRunner
     options = runner_options(dtype, hybridize=variant != 'ours-imperative')
     if variant == 'ours-padded':
-        if task != 'pretrain':
-            raise Skip('ours-padded is the pretraining step without packing; fine-tuning '
-                       'steps are padded in every ours-* variant')
         options['packed'] = False
     runner = MXNetRunner(config, params, task=task, lr=lr, devices=devices, **options)
     ctx = runner.contexts[0]

@@ -1,7 +1,8 @@
 """Multi-head scaled dot-product self-attention with a length mask.
 
 Shape legend
-    B: batch size            L: sequence length (queries = keys = values)
+    B: batch size            L: sequence length of the keys and values
+    Lq: of the queries (L in self-attention, 1 where only <cls> is read)
     H: num_hiddens           h: num_heads          d = H / h: size of one head
     T: real tokens of a packed batch (`gluon_bert.data.packing`)
 """
@@ -21,7 +22,7 @@ __all__ = ['masked_softmax', 'MultiHeadAttention']
 def masked_softmax(F, scores, valid_lens):
     """Softmax over the last axis of `scores` that ignores keys at positions >= valid_len.
 
-    scores: (B*h, L, L); valid_lens: (B*h,) or None. Masked keys get probability 0: they
+    scores: (B*h, Lq, L); valid_lens: (B*h,) or None. Masked keys get probability 0: they
     get -1e6 added before the softmax, as the book writes -1e6 over them, and exp(-1e6)
     is exactly 0 in float32. (MXNet's own `softmax(..., use_length=True)` gives the same
     numbers but runs at a quarter of the speed of the plain softmax on the CPU: 105 ms
@@ -29,14 +30,14 @@ def masked_softmax(F, scores, valid_lens):
     """
     if valid_lens is None:
         return F.softmax(scores, axis=-1)
-    # key positions: (B*h, L, L) -> (L,) -> (1, 1, L); lengths: (B*h,) -> (B*h, 1, 1)
+    # key positions: (B*h, Lq, L) -> (L,) -> (1, 1, L); lengths: (B*h,) -> (B*h, 1, 1)
     keys = F.reshape(F.contrib.arange_like(scores, axis=-1), shape=(1, 1, -1))
     lengths = F.reshape(valid_lens, shape=(-1, 1, 1))
     bias = (F.broadcast_lesser(keys, lengths) - 1) * 1e6        # (B*h, 1, L): 0 or -1e6
     # Broadcast first, then an elementwise add: the backward of broadcast_add reduces over
     # the rows for its second input even when no gradient is wanted there (30 ms a call).
-    bias = F.BlockGrad(F.broadcast_like(bias, scores))           # (B*h, 1, L) -> (B*h, L, L)
-    return F.softmax(scores + bias, axis=-1)                      # (B*h, L, L)
+    bias = F.BlockGrad(F.broadcast_like(bias, scores))           # (B*h, 1, L) -> (B*h, Lq, L)
+    return F.softmax(scores + bias, axis=-1)                      # (B*h, Lq, L)
 
 
 class MultiHeadAttention(LegacyBoundary, nn.HybridBlock):
@@ -79,11 +80,12 @@ class MultiHeadAttention(LegacyBoundary, nn.HybridBlock):
         return F.reshape(X, shape=(0, 0, -1))
 
     def hybrid_forward(self, F, queries, keys, values, valid_lens=None, unpack=None,
-                       pack=None):
-        """(B, L, H) inputs -> (B, L, H); packed (T, H) inputs -> (T, H) with `unpack`
-        (B, L) and `pack` (T,) from `data.packing`: the projections run on the T real
-        tokens only, the attention on each sequence's own rows (`gb_attention`, CPU) or
-        elsewhere on the padded (B, L) layout."""
+                       pack=None, rows=None):
+        """(B, Lq, H) queries, (B, L, H) keys and values -> (B, Lq, H); packed (T, H)
+        inputs -> (T, H) with `unpack` (B, L) and `pack` (T,) from `data.packing`: the
+        projections run on the T real tokens only, the attention on each sequence's own
+        rows (`gb_attention`, CPU) or elsewhere on the padded (B, L) layout. Packed,
+        `rows` (R,) keeps those rows only before the output projection -> (R, H)."""
         q, k, v = self.W_q(queries), self.W_k(keys), self.W_v(values)   # (B, L, H) or (T, H)
         if unpack is not None and kernels.use_here(q):
             # On the CPU gluon-bert's `gb_attention` reads the packed rows as they are: each
@@ -92,25 +94,28 @@ class MultiHeadAttention(LegacyBoundary, nn.HybridBlock):
             rate = self.dropout._rate if autograd.is_training() else 0.0
             f32 = (kernels.float32(F, x) for x in (q, k, v, valid_lens))
             out = F.gb_attention(*f32, num_heads=self.num_heads, alpha=self._scale, p=rate)
-            return self.W_o(out[0])                                         # (T, H)
+            out = out[0] if rows is None else F.take(out[0], rows)        # (T, H) or (R, H)
+            return self.W_o(out)                                            # (T, H) or (R, H)
         if unpack is not None:
             # packed rows to the padded layout: (T, H) -> (B, L, H)
             q, k, v = (F.take(x, unpack) for x in (q, k, v))
-        q = self._split_heads(F, q)  # (B*h, L, d)
+        q = self._split_heads(F, q)  # (B*h, Lq, d)
         k = self._split_heads(F, k)  # (B*h, L, d)
         v = self._split_heads(F, v)  # (B*h, L, d)
         if valid_lens is not None:
             # Each example's length once per head, in the (B, h) order of _split_heads.
             valid_lens = F.repeat(valid_lens, repeats=self.num_heads, axis=0)  # (B*h,)
         # Scaled after the product, as the book does.
-        scores = self._bmm(F, q, k, transpose_b=True, alpha=self._scale)  # (B*h, L, L)
-        weights = masked_softmax(F, scores, valid_lens)                     # (B*h, L, L)
-        output = self._bmm(F, self.dropout(weights), v)                     # (B*h, L, d)
-        output = self._merge_heads(F, output)                               # (B, L, H)
+        scores = self._bmm(F, q, k, transpose_b=True, alpha=self._scale)  # (B*h, Lq, L)
+        weights = masked_softmax(F, scores, valid_lens)                     # (B*h, Lq, L)
+        output = self._bmm(F, self.dropout(weights), v)                     # (B*h, Lq, d)
+        output = self._merge_heads(F, output)                               # (B, Lq, H)
         if pack is not None:
             # back to the real tokens: (B, L, H) -> (B*L, H) -> (T, H)
             output = F.take(F.reshape(output, shape=(-3, 0)), pack)
-        return self.W_o(output)                                             # (B, L, H) or (T, H)
+            if rows is not None:
+                output = F.take(output, rows)                               # (T, H) -> (R, H)
+        return self.W_o(output)                                   # (B, Lq, H), (T, H) or (R, H)
 
     @staticmethod
     def _bmm(F, a, b, transpose_b=False, alpha=1.0):

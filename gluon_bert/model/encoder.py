@@ -76,10 +76,25 @@ class TransformerEncoderBlock(LegacyBoundary, nn.HybridBlock):
             self.ffn = PositionWiseFFN(ffn_num_hiddens, num_hiddens, activation)
             self.addnorm2 = AddNorm(dropout, num_hiddens, eps)
 
-    def hybrid_forward(self, F, X, valid_lens=None, unpack=None, pack=None):
-        # X (B, L, H), or packed (T, H) with unpack and pack (BERTEncoder.encode_packed)
-        Y = self.addnorm1(X, self.attention(X, X, X, valid_lens, unpack, pack))  # like X
-        return self.addnorm2(Y, self.ffn(Y))                                     # like X
+    def hybrid_forward(self, F, X, valid_lens=None, unpack=None, pack=None, rows=None):
+        # X (B, L, H), or packed (T, H) with unpack and pack (BERTEncoder.encode_packed).
+        # Packed, `rows` (R,) asks for the output at those rows only: every row still gives
+        # its keys and values, but the output projection, the FFN and both LayerNorms run
+        # on the R rows (the last block, under heads that read a few positions).
+        A = self.attention(X, X, X, valid_lens, unpack, pack, rows)  # like X, or (R, H)
+        if rows is not None:
+            X = F.take(X, rows)                                       # (T, H) -> (R, H)
+        Y = self.addnorm1(X, A)
+        return self.addnorm2(Y, self.ffn(Y))                          # like X, or (R, H)
+
+    def first_position(self, F, X, valid_lens=None):
+        """The block's output at position 0 only (what a classifier reads): X (B, L, H) ->
+        (B, 1, H). Every position still gives its keys and values; the query, output
+        projection, FFN and LayerNorms run on one row per example. Called inside a parent
+        block's hybrid_forward with its F."""
+        Q = F.slice_axis(X, axis=1, begin=0, end=1)                  # (B, L, H) -> (B, 1, H)
+        Y = self.addnorm1(Q, self.attention(Q, X, X, valid_lens))   # (B, 1, H)
+        return self.addnorm2(Y, self.ffn(Y))                         # (B, 1, H)
 
 
 class BERTEncoder(LegacyBoundary, nn.HybridBlock):
@@ -114,6 +129,27 @@ class BERTEncoder(LegacyBoundary, nn.HybridBlock):
                    c.dropout, c.max_len, c.activation, c.embedding_norm, c.layer_norm_eps)
 
     def hybrid_forward(self, F, tokens, segments, valid_lens=None, pos_embedding=None):
+        X = self._embed(F, tokens, segments, pos_embedding)                  # (B, L, H)
+        for blk in self.blks:
+            X = blk(X, valid_lens)
+        return X
+
+    def encode_first(self, F, tokens, segments, valid_lens=None):
+        """The encoder's output at position 0 (<cls>) only: (B, L) inputs -> (B, H), the
+        row that `forward` gives at position 0 of its (B, L, H) output. The last block
+        computes that one row (`TransformerEncoderBlock.first_position`): a classifier
+        reads nothing else. Called inside a parent block's hybrid_forward with its F."""
+        table = self.pos_embedding.var() if F is mx.sym else \
+            self.pos_embedding.data(tokens.context)
+        X = self._embed(F, tokens, segments, table)                          # (B, L, H)
+        blks = [self.blks[i] for i in range(len(self.blks))]
+        for blk in blks[:-1]:
+            X = blk(X, valid_lens)
+        X = blks[-1].first_position(F, X, valid_lens)                        # (B, 1, H)
+        return F.reshape(X, shape=(0, -1))                                    # (B, 1, H) -> (B, H)
+
+    def _embed(self, F, tokens, segments, pos_embedding):
+        """The summed embeddings of a padded batch: (B, L) -> (B, L, H)."""
         X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, L, H)
         # The first L rows of the positional table: (1, max_len, H) -> (1, L, H)
         pos = F.slice_like(pos_embedding, X, axes=(1,))
@@ -127,16 +163,16 @@ class BERTEncoder(LegacyBoundary, nn.HybridBlock):
         X = X + F.reshape_like(pos, X)                                        # (B, L, H)
         if self._embedding_norm:
             X = self.embedding_dropout(self.embedding_ln(X))                  # (B, L, H)
-        for blk in self.blks:
-            X = blk(X, valid_lens)
         return X
 
-    def encode_packed(self, F, tokens, segments, positions, valid_lens, unpack, pack):
+    def encode_packed(self, F, tokens, segments, positions, valid_lens, unpack, pack,
+                      rows=None):
         """The encoder on a packed batch (`gluon_bert.data.packing`): every per-token layer
         (embeddings, projections, FFN, LayerNorm, dropout) runs on the T real tokens only
         (the attention: `MultiHeadAttention`). tokens, segments, positions, pack (T,),
         valid_lens (B,), unpack (B, L) -> (T, H): the rows that `forward` gives at the real
-        positions of its (B, L, H) output.
+        positions of its (B, L, H) output. With `rows` (R,), the packed rows that the heads
+        read, the last block computes those rows only -> (R, H) (`TransformerEncoderBlock`).
 
         Called inside a parent block's hybrid_forward (`step.PretrainObjective`) with its F."""
         table = self.pos_embedding.var() if F is mx.sym else \
@@ -146,6 +182,7 @@ class BERTEncoder(LegacyBoundary, nn.HybridBlock):
         X = X + F.take(table, positions)                                      # (T, H)
         if self._embedding_norm:
             X = self.embedding_dropout(self.embedding_ln(X))                  # (T, H)
-        for blk in self.blks:
-            X = blk(X, valid_lens, unpack, pack)
-        return X
+        last = len(self.blks) - 1
+        for i in range(len(self.blks)):
+            X = self.blks[i](X, valid_lens, unpack, pack, rows if i == last else None)
+        return X                                                 # (T, H), or (R, H) with rows

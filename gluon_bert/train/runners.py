@@ -163,7 +163,10 @@ class MXNetRunner(_Runner):
         check_dtype(dtype, self.contexts)
         use_mixed_precision(dtype)
         self.dtype = dtype
-        self.net = BERTModel(config) if task == 'pretrain' else BERTClassifier(config)
+        # `packed=False`: the book's arithmetic, for comparisons at equal work (the padded
+        # pretraining batch; the classifier's last block on every position)
+        self.net = BERTModel(config) if task == 'pretrain' else \
+            BERTClassifier(config, first_only=packed)
         self.net.initialize(ctx=mx.cpu())
         _load_params(self.net, params, self.contexts)
         if hybridize:  # `hybridize=False` runs imperatively (benchmarks compare the two)
@@ -181,7 +184,7 @@ class MXNetRunner(_Runner):
             self.trainer._init_params()
             mx.nd.waitall()
         common = dict(loss_scale=LossScale() if dtype == 'float16' else None)
-        if task == 'pretrain':  # `packed=False`: the padded batch, as the book computes it
+        if task == 'pretrain':
             step_cls, common['packed'] = PretrainStep, packed
         else:
             step_cls = FinetuneStep
