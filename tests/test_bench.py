@@ -43,21 +43,24 @@ def test_model_flops_by_hand():
     assert model_flops(config, 'finetune', 4, 16, train=False, lean=True) == \
         2 * 4 * (block + last_cls + classifier)
     # packed: a batch without padding computes what the padded count says, but the last
-    # block's output projection and FFN only at the 4 <cls> + 12 predicted rows
+    # block only keys and values at all 64 tokens; queries (over 16 keys each), output
+    # projection and FFN at the 4 <cls> + 12 predicted rows
     full = synthetic_batch(onp.random.default_rng(0), config, 'pretrain', 4, 16, 3,
                            full_length=True)
     full['mlm_weights'][:] = 1.0
-    last = 64 * 3 * 32 * 32 + 4 * 16384 + 16 * (32 * 32 + 2 * 32 * 64)
+    last = 64 * 2 * 32 * 32 + 16 * (2 * 16 * 32) + 16 * (2 * 32 * 32 + 2 * 32 * 64)
     assert packed_model_flops(config, full, train=False) == \
         model_flops(config, 'pretrain', 4, 16, 3, train=False) - 2 * (4 * block - last)
     assert packed_model_flops(config, full) == 3 * packed_model_flops(config, full, False)
     # ... and one sequence of 8 tokens instead of 16 saves 8 tokens' projections and FFN
-    # (Q, K, V only in the last block; packed sizes go in steps of 8 tokens at least) and
-    # 16^2 - 8^2 query-key pairs of attention in each block
+    # (K and V only in the last block; packed sizes go in steps of 8 tokens at least),
+    # 16^2 - 8^2 query-key pairs of attention in the first block and 8 keys for each of
+    # that sequence's 4 queries in the last
     short = {k: v.copy() for k, v in full.items()}
     short['valid_lens'][1] = 8
     short['pred_positions'][1] %= 8
-    saved = 8 * (4 * 32 * 32 + 2 * 32 * 64) + 8 * 3 * 32 * 32 + 2 * 2 * 32 * (256 - 64)
+    saved = 8 * (4 * 32 * 32 + 2 * 32 * 64) + 8 * 2 * 32 * 32 + 2 * 32 * (256 - 64) + \
+        4 * 2 * 32 * 8
     assert packed_model_flops(config, short, train=False) == \
         packed_model_flops(config, full, train=False) - 2 * saved
 

@@ -273,6 +273,75 @@ def test_attention_kernel_matches_packed_attention_and_its_gradients(lens, heads
         assert not grad.asnumpy()[sum(lens):].any(), name
 
 
+def _rows_reference(q, k, v, lens, heads, alpha, rows):
+    """The queries q (R, H) at packed rows `rows`, each over its sequence's keys, float64."""
+    d = q.shape[1] // heads
+    starts = onp.concatenate([[0], onp.cumsum(lens)]).astype(int)
+    out = onp.zeros(q.shape)
+    for i, row in enumerate(rows):
+        b = onp.searchsorted(starts, row, side='right') - 1
+        r = slice(starts[b], starts[b + 1])
+        for j in range(heads):
+            c = slice(j * d, (j + 1) * d)
+            s = alpha * k[r, c].astype(onp.float64) @ q[i, c].astype(onp.float64)
+            p = onp.exp(s - s.max())
+            out[i, c] = (p / p.sum()) @ v[r, c]
+    return out
+
+
+def test_attention_kernel_at_query_rows_matches_its_reference_and_gradients():
+    """query_rows: queries at some packed rows (any order, a row twice, a sequence with
+    none) over their whole sequences; keys and values of a sequence without queries and
+    the padding rows get no gradient."""
+    rs = onp.random.RandomState(2)
+    lens, heads, d = (7, 1, 12, 9), 2, 5
+    T, H, alpha = sum(lens) + 2, heads * d, 1 / d ** 0.5
+    # sequences start at rows 0, 7, 8 and 20: queries in each, row 0 twice, not in order
+    rows = onp.array([20, 0, 7, 8, 0, 21, 10], 'float32')
+    k, v = (rs.randn(T, H).astype('float32') for _ in range(2))
+    q, head = (rs.randn(len(rows), H).astype('float32') for _ in range(2))
+    lens_nd, rows_nd = mx.nd.array(onp.array(lens, 'float32')), mx.nd.array(rows)
+    out, dq, dk, dv = forward_backward(
+        lambda a, b, c: mx.nd.gb_attention(a, b, c, lens_nd, rows_nd, num_heads=heads,
+                                           alpha=alpha, query_rows=True)[0],
+        [q, k, v], head)
+    ref = _rows_reference(q, k, v, lens, heads, alpha, rows.astype(int))
+    onp.testing.assert_allclose(out.asnumpy(), ref, rtol=0, atol=RTOL * onp.abs(ref).max())
+    eps = 1e-3
+    for name, x, grad, picks in (('q', q, dq, [(0, 3), (4, 9), (6, 0)]),
+                                 ('k', k, dk, [(0, 1), (9, 4), (21, 7)]),
+                                 ('v', v, dv, [(3, 2), (12, 5), (28, 8)])):
+        for r, c in picks:
+            hi, lo = (x.astype(onp.float64) for _ in range(2))
+            hi[r, c] += eps
+            lo[r, c] -= eps
+            args = {'q': q, 'k': k, 'v': v}
+            f = [_rows_reference(**{**args, name: y}, lens=lens, heads=heads, alpha=alpha,
+                                 rows=rows.astype(int)) for y in (hi, lo)]
+            numeric = ((f[0] - f[1]) * head).sum() / (2 * eps)
+            assert abs(grad.asnumpy()[r, c] - numeric) < 1e-3 * (1 + abs(numeric)), (name, r, c)
+    assert not dk.asnumpy()[sum(lens):].any() and not dv.asnumpy()[sum(lens):].any()
+    # a sequence without queries: its keys and values get exactly zero gradient
+    few = mx.nd.array(onp.array([8, 10], 'float32'))  # sequence 2 only
+    _, _, dk2, dv2 = forward_backward(
+        lambda a, b, c: mx.nd.gb_attention(a, b, c, lens_nd, few, num_heads=heads,
+                                           alpha=alpha, query_rows=True)[0],
+        [q[:2], k, v], head[:2])
+    for g in (dk2.asnumpy(), dv2.asnumpy()):
+        assert not g[:8].any() and not g[20:].any() and g[8:20].any()
+    # the same queries as rows of the self-attention give the same numbers
+    full = mx.nd.gb_attention(*(mx.nd.array(a) for a in (k, k, v)), lens_nd,
+                              num_heads=heads, alpha=alpha)[0].asnumpy()
+    at_rows = mx.nd.gb_attention(mx.nd.array(k[rows.astype(int)]), mx.nd.array(k),
+                                 mx.nd.array(v), lens_nd, rows_nd, num_heads=heads,
+                                 alpha=alpha, query_rows=True)[0].asnumpy()
+    onp.testing.assert_allclose(at_rows, full[rows.astype(int)], rtol=1e-6, atol=1e-6)
+    with pytest.raises(mx.MXNetError, match='rows must name real rows'):
+        mx.nd.gb_attention(mx.nd.array(q[:1]), mx.nd.array(k), mx.nd.array(v), lens_nd,
+                           mx.nd.array([29.0]), num_heads=heads,
+                           query_rows=True)[0].wait_to_read()
+
+
 def test_attention_kernel_dropout_uses_one_mask_forward_and_backward():
     """out = Pd V is linear in v, so sum(dout * out) = sum(dv * v) holds only when the
     backward regenerates the forward's mask; the mask repeats with mx.random.seed."""

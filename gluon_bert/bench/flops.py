@@ -17,8 +17,10 @@ Ours does less where nothing reads the result, and `lean=True` counts what it ex
   2 L H^2 + 2 H^2 + 2 L H + 2 H F instead of a whole block;
 * a packed pretraining step (`gluon_bert.data.packing`, `packed_model_flops`): projections,
   FFN and MLM head on the real tokens and predictions only (padded up to the packed
-  sizes), attention over each sequence's own L_b rows (2 L_b^2 H), and the last block's
-  output projection and FFN at the B + K rows the heads read.
+  sizes), attention over each sequence's own L_b rows (2 L_b^2 H), and in the last block
+  keys and values at every token but the rest at the B + K rows the heads read (their
+  query projections, 2 L_b H of attention each, output projection and FFN), as
+  `gb_attention` computes it on the CPU.
 `model_flops` without `lean` counts the padded batch, every position, as the book computes.
 """
 from __future__ import annotations
@@ -58,15 +60,20 @@ def model_flops(config, task: str, batch_size: int, seq_len: int, num_preds: int
 def packed_model_flops(config, batch, train: bool = True) -> int:
     """FLOPs of one packed pretraining step on `batch` (a padded batch dict), at the packed
     sizes that `train.step.PretrainStep` gives it on its own (one shard)."""
-    from ..data.packing import PackedSizes
+    from ..data.packing import PackedSizes, pack_pretrain_batch
     T, K = PackedSizes().update(batch)
+    packed = pack_pretrain_batch(batch, T, K)
     B = batch['tokens'].shape[0]
     lengths = np.asarray(batch['valid_lens'], dtype=np.int64)
     H, F = config.num_hiddens, config.ffn_num_hiddens
     attention = 2 * H * int((lengths ** 2).sum())  # scores and weighted values, own rows
     full = T * (4 * H * H + 2 * H * F) + attention
-    # the last block: Q, K, V projections and attention everywhere, the rest at B + K rows
-    last = T * 3 * H * H + attention + (B + K) * (H * H + 2 * H * F)
+    # the last block: keys and values at every token; at each of the B + K rows the heads
+    # read, a query over its sequence's L_b keys, the output projection and the FFN
+    rows = np.concatenate([packed['cls_rows'], packed['mlm_rows']]).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    keys = lengths[np.searchsorted(starts, rows, side='right') - 1]      # L_b of each row
+    last = T * 2 * H * H + 2 * H * int(keys.sum()) + len(rows) * (2 * H * H + 2 * H * F)
     macs = (config.num_blks - 1) * full + last
     macs += K * (H * H + H * config.vocab_size)  # MLM head on the real predictions
     macs += B * (H * H + H * 2)                  # NSP head

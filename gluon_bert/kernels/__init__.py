@@ -8,7 +8,8 @@
 What they are (`cpu_ops.cc`, whose header has the measurements): `gb_bmm`, the attention
 products; `gb_layer_norm`; `gb_softmax_ce`, the cross-entropy of the MLM head over its
 vocabulary; `gb_dropout`; `gb_attention`, the whole self-attention of a packed pretraining
-batch (`gluon_bert.data.packing`: each sequence's real tokens only, no padding or mask). Each has its forward and backward and is registered as an MXNet
+batch (`gluon_bert.data.packing`: each sequence's real tokens only, no padding or mask), or
+its queries at given rows only (`query_rows`: the last block, whose heads read few rows). Each has its forward and backward and is registered as an MXNet
 operator through MXNet's extension-library interface (`mx.library.load`), so they go into
 hybridized, `static_alloc` graphs like any operator. At the book's pretraining shapes on
 this project's 2-vCPU machine (AVX-512), forward + backward: MXNet's `batch_dot` 16-19 ms a

@@ -22,11 +22,14 @@
 //       variable at a time from a Mersenne twister (20-90 ms a call at the book's batch);
 //       this hashes (seed, index), vectorised, with one seed a call from MXNet's seeded
 //       generator (mx.random.seed repeats a run), and keeps a byte mask for the backward.
-//   gb_attention(q, k, v, valid_lens, num_heads, alpha, p) -> (out, lse, seed)
+//   gb_attention(q, k, v, valid_lens[, rows], num_heads, alpha, p, query_rows)
+//       -> (out, lse, seed)
 //       multi-head self-attention on a packed batch (only the real tokens, one sequence
 //       after another): each sequence's rows attend to each other, with the dropout of
 //       the weights drawn inside. No padding, mask or head transposes: about a third of
-//       the padded attention's arithmetic at the book's lengths (section below).
+//       the padded attention's arithmetic at the book's lengths (section below). With
+//       query_rows, only the queries at the packed rows `rows` (the last block, whose
+//       heads read a few rows).
 //
 // float32 only (lib_api.h has no bfloat16 type): under mixed precision the Python side casts
 // the inputs to float32 first, as amp does for MXNet's own batch_dot and LayerNorm.
@@ -738,7 +741,8 @@ REGISTER_OP(gb_dropout)
 
 // ------------------------------------------------------------- packed self-attention
 
-// gb_attention(q, k, v, valid_lens, num_heads, alpha, p) -> (out, lse, seed)
+// gb_attention(q, k, v, valid_lens[, rows], num_heads, alpha, p, query_rows)
+//   -> (out, lse, seed)
 // Multi-head self-attention on a packed batch (gluon_bert/data/packing.py): q, k, v (T, H)
 // hold the real tokens of B sequences one after another (example b's valid_lens[b] rows,
 // in order; rows past their sum are padding). Each sequence attends to itself only, so
@@ -748,6 +752,10 @@ REGISTER_OP(gb_dropout)
 //   lse (T, h): the softmax's log-sum-exp, kept for the backward, which recomputes the
 //   probabilities from it (as FlashAttention does) instead of storing (B, h, L, L);
 //   seed (1,): the dropout draw's seed; the backward regenerates the same mask from it.
+// With query_rows=True a fifth input rows (R,) gives the packed row of each of R queries,
+// q is (R, H) (the queries at those rows, in any order, repeats allowed), and out (R, H),
+// lse (R, h) are theirs: keys and values are still every row of each query's sequence.
+// The last encoder block uses it, where the heads read <cls> and the predicted rows only.
 
 // out[0 .. n) = (acc ? out : 0) + sum_{c < K} a[c] * B[c * ldb + 0 .. n), n a multiple of
 // the vector width, B's rows readable to n: a row of a times a matrix, with the n sums in
@@ -802,7 +810,7 @@ static inline int round_lanes(int n) { return (n + kLanes - 1) / kLanes * kLanes
 // The dropout draw of probability (b, head, i, k): the counter-based hash of gb_dropout,
 // keyed by the query's packed row, the head and the key's place in the sequence.
 struct AttnDims {
-  int64_t T, B;
+  int64_t T, B;  // T: rows of k and v
   int H, h, d;
   float alpha, p;
   uint32_t threshold;  // the dropout: an element is kept where its hash is >= threshold
@@ -817,7 +825,7 @@ static inline float keep_scale(const AttnDims& a, uint32_t seed, int64_t row, in
 }
 
 static MXReturnValue attn_parse(const Attrs& attrs, int* num_in, int* num_out) {
-  *num_in = 4;
+  *num_in = flag_attr(attrs, "query_rows") ? 5 : 4;
   *num_out = 3;
   const float p = float_attr(attrs, "p", 0.f);
   if (!(p >= 0.f && p < 1.f)) {
@@ -842,11 +850,14 @@ static MXReturnValue attn_type(const Attrs&, std::vector<int>* in, std::vector<i
 
 static MXReturnValue attn_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
   const auto& q = (*in)[0];
+  const auto& k = (*in)[1];
   const int h = static_cast<int>(float_attr(attrs, "num_heads", 0.f));
-  if (q.size() != 2 || (*in)[1] != q || (*in)[2] != q || (*in)[3].size() != 1 || h < 1 ||
-      q[1] % h) {
+  const bool sub = flag_attr(attrs, "query_rows");
+  if (q.size() != 2 || k.size() != 2 || k[1] != q[1] || (*in)[2] != k ||
+      (!sub && k[0] != q[0]) || (sub && (*in)[4] != std::vector<unsigned>{q[0]}) ||
+      (*in)[3].size() != 1 || h < 1 || q[1] % h) {
     MX_ERROR_MSG << "gb_attention: q, k, v (T, H) with H divisible by num_heads, and "
-                    "valid_lens (B,)";
+                    "valid_lens (B,); with query_rows, q (R, H) and rows (R,)";
     return MX_FAIL;
   }
   (*out)[0] = q;
@@ -855,10 +866,10 @@ static MXReturnValue attn_shape(const Attrs& attrs, Shapes* in, Shapes* out) {
   return MX_SUCCESS;
 }
 
-static AttnDims attn_dims(const Attrs& attrs, const MXTensor& q, const MXTensor& lens) {
+static AttnDims attn_dims(const Attrs& attrs, const MXTensor& k, const MXTensor& lens) {
   AttnDims a;
-  a.T = q.shape[0];
-  a.H = static_cast<int>(q.shape[1]);
+  a.T = k.shape[0];
+  a.H = static_cast<int>(k.shape[1]);
   a.B = lens.shape[0];
   a.h = static_cast<int>(float_attr(attrs, "num_heads", 1.f));
   a.d = a.H / a.h;
@@ -890,6 +901,41 @@ static bool sequence_starts(MXTensor& lens, int64_t T, std::vector<int64_t>* sta
   return true;
 }
 
+// Each sequence's queries: the rows of q whose query is in sequence b are
+// order[qstart[b] .. qstart[b + 1]), and their packed rows (keys' numbering) are given by
+// `rows` (R,), or are those rows themselves (self-attention: q's rows are k's rows, and
+// R = starts[B]). An error (false, with the message) for a row past the real ones.
+static bool query_lists(const std::vector<int64_t>& starts, MXTensor* rows,
+                        std::vector<int64_t>* qstart, std::vector<int64_t>* order) {
+  const int64_t B = static_cast<int64_t>(starts.size()) - 1;
+  if (rows == nullptr) {
+    *qstart = starts;
+    order->resize(starts[B]);
+    for (int64_t i = 0; i < starts[B]; ++i) (*order)[i] = i;
+    return true;
+  }
+  const float* r = rows->data<float>();
+  const int64_t R = rows->shape[0];
+  std::vector<int64_t> seq(R);
+  qstart->assign(B + 1, 0);
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t row = static_cast<int64_t>(r[i]);
+    if (!(r[i] >= 0.f) || row >= starts[B]) {
+      MX_ERROR_MSG << "gb_attention: rows must name real rows, in [0, " << starts[B]
+                   << "); got " << r[i];
+      return false;
+    }
+    // the sequence that holds this row: the last start <= row
+    seq[i] = std::upper_bound(starts.begin(), starts.end(), row) - starts.begin() - 1;
+    ++(*qstart)[seq[i] + 1];
+  }
+  for (int64_t b = 0; b < B; ++b) (*qstart)[b + 1] += (*qstart)[b];
+  std::vector<int64_t> fill(qstart->begin(), qstart->end() - 1);
+  order->resize(R);
+  for (int64_t i = 0; i < R; ++i) (*order)[fill[seq[i]]++] = i;  // stable: in row order
+  return true;
+}
+
 // Row i's probabilities over its L keys: s (Lp,) holds the scores q_i k^T on entry and
 // softmax(alpha * s) on exit (0 past L); returns the log-sum-exp.
 static float softmax_row(float* s, int L, int Lp, float alpha) {
@@ -903,9 +949,12 @@ static float softmax_row(float* s, int L, int Lp, float alpha) {
 
 static MXReturnValue attn_forward(const Attrs& attrs, std::vector<MXTensor>* in,
                                   std::vector<MXTensor>* out, const OpResource& res) {
-  const AttnDims a = attn_dims(attrs, (*in)[0], (*in)[3]);
-  std::vector<int64_t> starts;
-  if (!sequence_starts((*in)[3], a.T, &starts)) return MX_FAIL;
+  const AttnDims a = attn_dims(attrs, (*in)[1], (*in)[3]);
+  const bool sub = in->size() == 5;
+  std::vector<int64_t> starts, qstart, order;
+  if (!sequence_starts((*in)[3], a.T, &starts) ||
+      !query_lists(starts, sub ? &(*in)[4] : nullptr, &qstart, &order))
+    return MX_FAIL;
   const float* q = (*in)[0].data<float>();
   const float* k = (*in)[1].data<float>();
   const float* v = (*in)[2].data<float>();
@@ -914,10 +963,10 @@ static MXReturnValue attn_forward(const Attrs& attrs, std::vector<MXTensor>* in,
   int32_t* seed_out = static_cast<int32_t*>((*out)[2].data_ptr);
   const uint32_t seed = a.p > 0.f ? (*res.get_cpu_rand_states())() : 0u;
   std::memcpy(seed_out, &seed, sizeof seed);
-  const int64_t real = starts[a.B];
-  // padding rows: zeros
-  std::memset(o + real * a.H, 0, (a.T - real) * a.H * sizeof(float));
-  std::memset(lse + real * a.h, 0, (a.T - real) * a.h * sizeof(float));
+  // rows of q that are no query (padding of a packed batch): zeros
+  const int64_t Tq = (*in)[0].shape[0], answered = qstart[a.B];
+  std::memset(o + answered * a.H, 0, (Tq - answered) * a.H * sizeof(float));
+  std::memset(lse + answered * a.h, 0, (Tq - answered) * a.h * sizeof(float));
   const int dp = round_lanes(a.d);
 #pragma omp parallel
   {
@@ -928,7 +977,8 @@ static MXReturnValue attn_forward(const Attrs& attrs, std::vector<MXTensor>* in,
       const int head = static_cast<int>(task % a.h);
       const int64_t r0 = starts[b];
       const int L = static_cast<int>(starts[b + 1] - r0), Lp = round_lanes(L);
-      if (L == 0) continue;
+      const int64_t m = qstart[b + 1] - qstart[b];
+      if (L == 0 || m == 0) continue;
       // K^T (d, Lp) and V (L, dp) of this sequence and head, zero padded
       kt.assign(static_cast<size_t>(a.d) * Lp, 0.f);
       vb.assign(static_cast<size_t>(L) * dp, 0.f);
@@ -939,8 +989,8 @@ static MXReturnValue attn_forward(const Attrs& attrs, std::vector<MXTensor>* in,
         for (int c = 0; c < a.d; ++c) kt[c * Lp + j] = kr[c];
         std::memcpy(&vb[static_cast<size_t>(j) * dp], vr, a.d * sizeof(float));
       }
-      for (int i = 0; i < L; ++i) {
-        const int64_t row = r0 + i;
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t row = order[qstart[b] + i];  // the query's row of q
         rowmat(q + row * a.H + head * a.d, a.d, kt.data(), Lp, Lp, s.data(), false);
         lse[row * a.h + head] = softmax_row(s.data(), L, Lp, a.alpha);
         if (a.p > 0.f)
@@ -953,33 +1003,38 @@ static MXReturnValue attn_forward(const Attrs& attrs, std::vector<MXTensor>* in,
   return MX_SUCCESS;
 }
 
-// inputs: dout, dlse, dseed (unused), q, k, v, valid_lens, out, lse, seed;
-// outputs: dq, dk, dv, dvalid_lens (zeros). Per sequence and head, with P = softmax(alpha S)
-// recomputed from lse, D the dropout's keep / (1 - p) and Pd = P * D:
+// inputs: dout, dlse, dseed (unused), q, k, v, valid_lens[, rows], out, lse, seed;
+// outputs: dq, dk, dv, dvalid_lens[, drows] (zeros). Per sequence and head, with
+// P = softmax(alpha S) recomputed from lse, D the dropout's keep / (1 - p), Pd = P * D:
 //   dV = Pd^T dO,  dP = (dO V^T) * D,  dS = alpha P * (dP - rowsum(P * dP)),
 //   dQ = dS K,  dK = dS^T Q.
 static MXReturnValue attn_backward(const Attrs& attrs, std::vector<MXTensor>* in,
                                    std::vector<MXTensor>* out, const OpResource&) {
-  const AttnDims a = attn_dims(attrs, (*in)[3], (*in)[6]);
-  std::vector<int64_t> starts;
-  if (!sequence_starts((*in)[6], a.T, &starts)) return MX_FAIL;
+  const bool sub = in->size() == 11;
+  const AttnDims a = attn_dims(attrs, (*in)[4], (*in)[6]);
+  std::vector<int64_t> starts, qstart, order;
+  if (!sequence_starts((*in)[6], a.T, &starts) ||
+      !query_lists(starts, sub ? &(*in)[7] : nullptr, &qstart, &order))
+    return MX_FAIL;
+  const int at = sub ? 8 : 7;  // the forward's outputs: out, lse, seed
   const float* dout = (*in)[0].data<float>();
   const float* q = (*in)[3].data<float>();
   const float* k = (*in)[4].data<float>();
   const float* v = (*in)[5].data<float>();
-  const float* lse = (*in)[8].data<float>();
+  const float* lse = (*in)[at + 1].data<float>();
   uint32_t seed;
-  std::memcpy(&seed, (*in)[9].data_ptr, sizeof seed);
+  std::memcpy(&seed, (*in)[at + 2].data_ptr, sizeof seed);
   float* dq = (*out)[0].data<float>();
   float* dk = (*out)[1].data<float>();
   float* dv = (*out)[2].data<float>();
-  const int64_t real = starts[a.B];
-  for (float* g : {dq, dk, dv}) std::memset(g + real * a.H, 0, (a.T - real) * a.H * sizeof(float));
+  const int64_t Tq = (*in)[3].shape[0], answered = qstart[a.B], real = starts[a.B];
+  std::memset(dq + answered * a.H, 0, (Tq - answered) * a.H * sizeof(float));
+  for (float* g : {dk, dv}) std::memset(g + real * a.H, 0, (a.T - real) * a.H * sizeof(float));
   const int dp = round_lanes(a.d);
 #pragma omp parallel
   {
-    // kt, vt (d, Lp); qb, kb, dob (L, dp); pdt, dst (L, Lp) transposed as they fill;
-    // s, dpd (Lp,) one row; g (dp,) one row of a gradient
+    // kt, vt (d, Lp); kb (L, dp); qb, dob (m, dp); pdt, dst (L, m) transposed as they
+    // fill; s, dpd (Lp,) one row; g (dp,) one row of a gradient
     std::vector<float> kt, vt, qb, kb, dob, pdt, dst, s, dpd, g(dp);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t task = 0; task < a.B * a.h; ++task) {
@@ -987,15 +1042,23 @@ static MXReturnValue attn_backward(const Attrs& attrs, std::vector<MXTensor>* in
       const int head = static_cast<int>(task % a.h);
       const int64_t r0 = starts[b];
       const int L = static_cast<int>(starts[b + 1] - r0), Lp = round_lanes(L);
+      const int m = static_cast<int>(qstart[b + 1] - qstart[b]);
       if (L == 0) continue;
-      const size_t dl = static_cast<size_t>(a.d) * Lp, ld = static_cast<size_t>(L) * dp;
+      if (m == 0) {  // no query in this sequence: its keys and values get no gradient
+        for (int j = 0; j < L; ++j) {
+          std::memset(dk + (r0 + j) * a.H + head * a.d, 0, a.d * sizeof(float));
+          std::memset(dv + (r0 + j) * a.H + head * a.d, 0, a.d * sizeof(float));
+        }
+        continue;
+      }
+      const size_t dl = static_cast<size_t>(a.d) * Lp;
       kt.assign(dl, 0.f);
       vt.assign(dl, 0.f);
-      qb.assign(ld, 0.f);
-      kb.assign(ld, 0.f);
-      dob.assign(ld, 0.f);
-      pdt.assign(static_cast<size_t>(L) * Lp, 0.f);
-      dst.assign(static_cast<size_t>(L) * Lp, 0.f);
+      kb.assign(static_cast<size_t>(L) * dp, 0.f);
+      qb.assign(static_cast<size_t>(m) * dp, 0.f);
+      dob.assign(static_cast<size_t>(m) * dp, 0.f);
+      pdt.assign(static_cast<size_t>(L) * m, 0.f);
+      dst.assign(static_cast<size_t>(L) * m, 0.f);
       s.resize(Lp);
       dpd.resize(Lp);
       for (int j = 0; j < L; ++j) {
@@ -1004,12 +1067,15 @@ static MXReturnValue attn_backward(const Attrs& attrs, std::vector<MXTensor>* in
           kt[c * Lp + j] = k[off + c];
           vt[c * Lp + j] = v[off + c];
         }
-        std::memcpy(&qb[static_cast<size_t>(j) * dp], q + off, a.d * sizeof(float));
         std::memcpy(&kb[static_cast<size_t>(j) * dp], k + off, a.d * sizeof(float));
-        std::memcpy(&dob[static_cast<size_t>(j) * dp], dout + off, a.d * sizeof(float));
       }
-      for (int i = 0; i < L; ++i) {
-        const int64_t row = r0 + i;
+      for (int i = 0; i < m; ++i) {
+        const int64_t off = order[qstart[b] + i] * a.H + head * a.d;
+        std::memcpy(&qb[static_cast<size_t>(i) * dp], q + off, a.d * sizeof(float));
+        std::memcpy(&dob[static_cast<size_t>(i) * dp], dout + off, a.d * sizeof(float));
+      }
+      for (int i = 0; i < m; ++i) {
+        const int64_t row = order[qstart[b] + i];  // the query's row of q
         // P_i again, from the forward's log-sum-exp
         rowmat(&qb[static_cast<size_t>(i) * dp], a.d, kt.data(), Lp, Lp, s.data(), false);
         for (int j = 0; j < L; ++j) s[j] *= a.alpha;
@@ -1020,14 +1086,14 @@ static MXReturnValue attn_backward(const Attrs& attrs, std::vector<MXTensor>* in
         for (int j = 0; j < L; ++j) {
           const float keep = a.p > 0.f ? keep_scale(a, seed, row, head, j) : 1.f;
           dpd[j] *= keep;
-          pdt[static_cast<size_t>(j) * Lp + i] = s[j] * keep;
+          pdt[static_cast<size_t>(j) * m + i] = s[j] * keep;
           dot += s[j] * dpd[j];
         }
         // dS_i = alpha P_i (dP_i - P_i . dP_i), zero past L
         for (int j = 0; j < L; ++j) {
           const float ds = a.alpha * s[j] * (dpd[j] - dot);
           dpd[j] = ds;
-          dst[static_cast<size_t>(j) * Lp + i] = ds;
+          dst[static_cast<size_t>(j) * m + i] = ds;
         }
         std::fill(dpd.begin() + L, dpd.end(), 0.f);
         rowmat(dpd.data(), L, kb.data(), dp, dp, g.data(), false);     // dQ_i = dS_i K
@@ -1035,15 +1101,17 @@ static MXReturnValue attn_backward(const Attrs& attrs, std::vector<MXTensor>* in
       }
       for (int j = 0; j < L; ++j) {
         const int64_t off = (r0 + j) * a.H + head * a.d;
-        rowmat(&pdt[static_cast<size_t>(j) * Lp], L, dob.data(), dp, dp, g.data(), false);
+        rowmat(&pdt[static_cast<size_t>(j) * m], m, dob.data(), dp, dp, g.data(), false);
         std::memcpy(dv + off, g.data(), a.d * sizeof(float));          // dV_j = Pd^T_j dO
-        rowmat(&dst[static_cast<size_t>(j) * Lp], L, qb.data(), dp, dp, g.data(), false);
+        rowmat(&dst[static_cast<size_t>(j) * m], m, qb.data(), dp, dp, g.data(), false);
         std::memcpy(dk + off, g.data(), a.d * sizeof(float));          // dK_j = dS^T_j Q
       }
     }
   }
-  MXTensor& dlens = (*out)[3];
-  std::memset(dlens.data_ptr, 0, dlens.size() * sizeof(float));
+  for (size_t i = 3; i < out->size(); ++i) {  // lengths and rows: indices, no gradient
+    MXTensor& t = (*out)[i];
+    std::memset(t.data_ptr, 0, t.size() * sizeof(float));
+  }
   return MX_SUCCESS;
 }
 

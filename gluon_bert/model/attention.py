@@ -86,16 +86,24 @@ class MultiHeadAttention(LegacyBoundary, nn.HybridBlock):
         projections run on the T real tokens only, the attention on each sequence's own
         rows (`gb_attention`, CPU) or elsewhere on the padded (B, L) layout. Packed,
         `rows` (R,) keeps those rows only before the output projection -> (R, H)."""
-        q, k, v = self.W_q(queries), self.W_k(keys), self.W_v(values)   # (B, L, H) or (T, H)
-        if unpack is not None and kernels.use_here(q):
+        k, v = self.W_k(keys), self.W_v(values)                         # (B, L, H) or (T, H)
+        if unpack is not None and kernels.use_here(k):
             # On the CPU gluon-bert's `gb_attention` reads the packed rows as they are: each
             # sequence attends to its own rows, so neither padding nor mask nor head
             # transposes cost anything. The dropout on the weights is drawn inside it.
+            # With `rows`, queries are projected and attend at those rows only.
             rate = self.dropout._rate if autograd.is_training() else 0.0
-            f32 = (kernels.float32(F, x) for x in (q, k, v, valid_lens))
-            out = F.gb_attention(*f32, num_heads=self.num_heads, alpha=self._scale, p=rate)
-            out = out[0] if rows is None else F.take(out[0], rows)        # (T, H) or (R, H)
-            return self.W_o(out)                                            # (T, H) or (R, H)
+            opts = dict(num_heads=self.num_heads, alpha=self._scale, p=rate)
+            if rows is None:
+                q = self.W_q(queries)                                       # (T, H)
+                f32 = [kernels.float32(F, x) for x in (q, k, v, valid_lens)]
+            else:
+                q = self.W_q(F.take(queries, rows))                         # (R, H)
+                f32 = [kernels.float32(F, x) for x in (q, k, v, valid_lens)]
+                f32.append(F.cast(rows, dtype='float32'))  # the kernel reads float32 rows
+                opts['query_rows'] = True
+            return self.W_o(F.gb_attention(*f32, **opts)[0])                # (T, H) or (R, H)
+        q = self.W_q(queries)                                               # (B, Lq, H) or (T, H)
         if unpack is not None:
             # packed rows to the padded layout: (T, H) -> (B, L, H)
             q, k, v = (F.take(x, unpack) for x in (q, k, v))
