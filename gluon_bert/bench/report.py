@@ -320,7 +320,9 @@ def write_markdown(path, rows, summary, targets, title='gluon-bert bench'):
               'examples/s and ratio to ours (ours-hybrid in the same round, workload, mode '
               'and scope): median [min-max] over rounds. ms/step and IQR from the per-step '
               'times; loop rows: steady state (the second half of the run), batch building '
-              'included. Model FLOPs are counted from the shape (`bench.flops`), padded.', '',
+              'included. Model FLOPs are counted from the shape (`bench.flops`): padded for '
+              'the others, as executed for ours (packed pretraining, the last block at the '
+              'rows the heads read).', '',
               format_summary(summary), '']
     notes = [(e['workload'], e['variant'], n) for e in summary for n in e.get('notes') or []]
     if notes:

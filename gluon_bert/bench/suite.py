@@ -57,7 +57,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     'ours-padded': dict(about='ours-hybrid with the book\'s arithmetic (packed=False): the '
                               'padded pretraining batch, the classifier\'s last block on '
                               'every position',
-                        needs=('mxnet',), scopes=('step',), modes=('train',)),
+                        needs=('mxnet',), scopes=('step',),
+                        # pretraining inference is ours-hybrid's own padded forward
+                        modes={'pretrain': ('train',), 'finetune': ('train', 'infer')}),
     'ours-bucketed': dict(about='this package, whole loop with length-bucketed batches '
                                 "(pad_to='longest', bucket=True)",
                           needs=('mxnet',), scopes=('loop',), tasks=('finetune',)),
@@ -182,6 +184,9 @@ def plan(workloads, variants, modes=('train', 'infer'), scopes=('step', 'loop'),
                 if scope not in info['scopes']:
                     continue
                 for mode in modes:
-                    if mode in info.get('modes', (mode,)):
+                    covered = info.get('modes', (mode,))
+                    if isinstance(covered, dict):  # per task
+                        covered = covered.get(w.task, ())
+                    if mode in covered:
                         out.append(Measurement(w, v, mode, 'step', dtype))
     return out
