@@ -132,10 +132,11 @@ def build_parser():
     p.add_argument('--batch-size', type=int, default=512)
     p.add_argument('--seq-len', type=int, default=64)
     p.add_argument('--num-preds', type=int, default=10, help='MLM predictions per sequence')
-    p.add_argument('--lengths', choices=('wikitext-2', 'uniform'), default='wikitext-2',
+    p.add_argument('--lengths', choices=('wikitext-2', 'snli', 'uniform'),
                    help="the synthetic batch's sequence lengths: those of the book's "
-                        'WikiText-2 pretraining examples (pretraining at --seq-len 64), or '
-                        'uniform in [2, seq-len] (default: wikitext-2 where it applies)')
+                        'WikiText-2 pretraining examples (at --seq-len 64) or SNLI pairs '
+                        '(at --seq-len 128), or uniform in [2, seq-len] (default: the '
+                        "task's data set where it applies)")
     p.add_argument('--steps', type=int, help='timed steps (default 10; a suite: per workload)')
     p.add_argument('--warmup', type=int, help='warm-up steps (default 2; a suite: per workload)')
     p.add_argument('--loop-steps', type=int, help='a suite\'s whole loops: timed steps')
@@ -278,7 +279,8 @@ def cmd_bench(args):
     rows = run_bench(frameworks=variants or ('mxnet', 'd2l', 'torch', 'jax'), task=args.task,
                      preset=args.preset, vocab_size=args.vocab_size, batch_size=args.batch_size,
                      seq_len=args.seq_len, num_preds=args.num_preds,
-                     lengths=args.lengths if args.task == 'pretrain' else 'uniform',
+                     lengths=args.lengths or ('wikitext-2' if args.task == 'pretrain'
+                                              else 'snli'),
                      steps=10 if args.steps is None else args.steps,
                      warmup=2 if args.warmup is None else args.warmup, devices=args.devices,
                      seed=args.seed, out=args.out or None, modes=modes or ('train',),

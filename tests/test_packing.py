@@ -1,6 +1,7 @@
-"""Packed pretraining batches (`gluon_bert.data.packing`) and the packed step: the host-side
-index arrays against the padded batch they come from, and the packed model and step against
-the padded ones (the same outputs at the real positions, the same losses and gradients)."""
+"""Packed pretraining and fine-tuning batches (`gluon_bert.data.packing`) and the packed
+steps: the host-side index arrays against the padded batch they come from, and the packed
+model and steps against the padded ones (the same outputs at the real positions, the same
+losses and gradients)."""
 from __future__ import annotations
 
 import mxnet as mx
@@ -8,9 +9,10 @@ import numpy as onp
 import pytest
 
 from gluon_bert.config import BERTConfig
-from gluon_bert.data.packing import PACKED_KEYS, PackedSizes, pack_pretrain_batch
-from gluon_bert.model import BERTModel
-from gluon_bert.train.step import PretrainStep, make_trainer
+from gluon_bert.data.packing import (FINETUNE_PACKED_KEYS, PACKED_KEYS, PackedSizes,
+                                     pack_finetune_batch, pack_pretrain_batch)
+from gluon_bert.model import BERTClassifier, BERTModel
+from gluon_bert.train.step import FinetuneStep, PretrainStep, make_trainer
 
 from batches import pretrain_batch
 
@@ -206,3 +208,67 @@ def test_reserved_sizes_hold_for_every_batch_shown():
         step(b)
         assert (step.sizes.num_tokens, step.sizes.num_rows) == reserved
     mx.nd.waitall()
+
+
+# -- fine-tuning ---------------------------------------------------------------------------
+
+
+def _finetune_batch(seed, B=8, L=12):
+    batch = _batch(seed, B=B, L=L)
+    labels = onp.random.RandomState(seed).randint(0, 3, B).astype('int32')
+    return dict(tokens=batch['tokens'], segments=batch['segments'],
+                valid_lens=batch['valid_lens'], labels=labels)
+
+
+def test_finetune_packing_keeps_the_sequences_and_labels():
+    batch = _finetune_batch(0)
+    packed = pack_finetune_batch(batch, num_tokens=100)
+    assert tuple(packed) == FINETUNE_PACKED_KEYS
+    lengths = batch['valid_lens'].astype(int)
+    T = lengths.sum()
+    assert packed['tokens'].shape == (100,) and not packed['tokens'][T:].any()
+    # the packed tokens are the real ones, <cls> rows at each sequence's start
+    real = onp.concatenate([batch['tokens'][b, :n] for b, n in enumerate(lengths)])
+    onp.testing.assert_array_equal(packed['tokens'][:T], real)
+    onp.testing.assert_array_equal(packed['cls_rows'],
+                                   onp.concatenate([[0], onp.cumsum(lengths)[:-1]]))
+    onp.testing.assert_array_equal(packed['labels'], batch['labels'])
+    # a fine-tuning shard has no predictions: its packed sizes count tokens only
+    assert PackedSizes().update(batch)[1] == 0
+
+
+def _classifier_twins(preset):
+    config = BERTConfig.from_preset(preset, vocab_size=VOCAB, dropout=0.0)
+    nets = [BERTClassifier(config), BERTClassifier(config)]
+    nets[0].initialize(mx.init.Xavier())
+    nets[1].initialize()
+    src, dst = (n._collect_params_with_prefix() for n in nets)
+    for name, param in src.items():
+        dst[name].set_data(param.data().copy())
+    for n in nets:
+        n.hybridize(static_alloc=True, static_shape=True)
+    return nets
+
+
+@pytest.mark.parametrize('preset', ['tiny', 'tiny.bert'])
+def test_packed_finetune_step_trains_as_the_padded_step(preset):
+    """Three SGD steps: the packed fine-tuning step (the classifier on the real tokens, its
+    last block at <cls>) gives the padded step's losses, hits and parameters."""
+    nets = _classifier_twins(preset)
+    before = {n: p.data().asnumpy() for n, p in nets[0]._collect_params_with_prefix().items()}
+    steps = [FinetuneStep(net, make_trainer(net.collect_params(), 0.5, None, 'sgd'),
+                          [mx.cpu()], packed=packed) for net, packed in zip(nets, (True, False))]
+    for seed, L in ((5, 12), (6, 10), (7, 12)):
+        batch = _finetune_batch(seed, L=L)
+        (l1, h1), (l2, h2) = (s(batch) for s in steps)
+        onp.testing.assert_allclose(l1.asscalar(), l2.asscalar(), rtol=1e-5)
+        assert h1.asscalar() == h2.asscalar()
+    assert steps[0].sizes.num_tokens >= 12 * 8 // 2 and steps[0].sizes.num_rows == 0
+    p1, p2 = (n._collect_params_with_prefix() for n in nets)
+    scale = max(float(onp.abs(p.data().asnumpy()).max()) for p in p2.values())
+    moved = 0
+    for name, param in p1.items():
+        got, ref = param.data().asnumpy(), p2[name].data().asnumpy()
+        onp.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * scale, err_msg=name)
+        moved += not onp.array_equal(got, before[name])
+    assert moved >= len(p1) - 2  # every parameter trained (W_k biases may get ~0)

@@ -15,7 +15,7 @@ Ours does less where nothing reads the result, and `lean=True` counts what it ex
 * fine-tuning: the classifier reads the last block at <cls> only, so that block computes
   one query row per sequence (keys and values still at every position):
   2 L H^2 + 2 H^2 + 2 L H + 2 H F instead of a whole block;
-* a packed pretraining step (`gluon_bert.data.packing`, `packed_model_flops`): projections,
+* a packed step (`gluon_bert.data.packing`, `packed_model_flops`): projections,
   FFN and MLM head on the real tokens and predictions only (padded up to the packed
   sizes), attention over each sequence's own L_b rows (2 L_b^2 H), and in the last block
   keys and values at every token but the rest at the B + K rows the heads read (their
@@ -57,24 +57,32 @@ def model_flops(config, task: str, batch_size: int, seq_len: int, num_preds: int
     return 3 * forward if train else forward
 
 
-def packed_model_flops(config, batch, train: bool = True) -> int:
-    """FLOPs of one packed pretraining step on `batch` (a padded batch dict), at the packed
-    sizes that `train.step.PretrainStep` gives it on its own (one shard)."""
-    from ..data.packing import PackedSizes, pack_pretrain_batch
+def packed_model_flops(config, batch, train: bool = True, task: str | None = None) -> int:
+    """FLOPs of one packed step on `batch` (a padded batch dict: pretraining, or fine-tuning
+    without MLM fields), at the packed sizes that `train.step` gives it on its own (one
+    shard)."""
+    from ..data.packing import PackedSizes, pack_finetune_batch, pack_pretrain_batch
+    task = task or ('pretrain' if 'mlm_weights' in batch else 'finetune')
     T, K = PackedSizes().update(batch)
-    packed = pack_pretrain_batch(batch, T, K)
+    if task == 'pretrain':
+        packed = pack_pretrain_batch(batch, T, K)
+        rows = np.concatenate([packed['cls_rows'], packed['mlm_rows']]).astype(np.int64)
+    else:
+        rows = pack_finetune_batch(batch, T)['cls_rows'].astype(np.int64)
     B = batch['tokens'].shape[0]
     lengths = np.asarray(batch['valid_lens'], dtype=np.int64)
     H, F = config.num_hiddens, config.ffn_num_hiddens
     attention = 2 * H * int((lengths ** 2).sum())  # scores and weighted values, own rows
     full = T * (4 * H * H + 2 * H * F) + attention
-    # the last block: keys and values at every token; at each of the B + K rows the heads
-    # read, a query over its sequence's L_b keys, the output projection and the FFN
-    rows = np.concatenate([packed['cls_rows'], packed['mlm_rows']]).astype(np.int64)
+    # the last block: keys and values at every token; at each row the heads read, a query
+    # over its sequence's L_b keys, the output projection and the FFN
     starts = np.concatenate([[0], np.cumsum(lengths)])
     keys = lengths[np.searchsorted(starts, rows, side='right') - 1]      # L_b of each row
     last = T * 2 * H * H + 2 * H * int(keys.sum()) + len(rows) * (2 * H * H + 2 * H * F)
     macs = (config.num_blks - 1) * full + last
-    macs += K * (H * H + H * config.vocab_size)  # MLM head on the real predictions
-    macs += B * (H * H + H * 2)                  # NSP head
+    if task == 'pretrain':
+        macs += K * (H * H + H * config.vocab_size)  # MLM head on the real predictions
+        macs += B * (H * H + H * 2)                  # NSP head
+    else:
+        macs += B * (H * H + H * config.num_classes)  # classifier: hidden, output
     return 3 * 2 * macs if train else 2 * macs

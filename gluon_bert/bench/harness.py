@@ -98,7 +98,7 @@ def stats(times):
 def prepare_inputs(w: Workload, folder, seed=0):
     """The workload's config, initial weights and synthetic batch, written for the workers."""
     from ..config import BERTConfig
-    from ..ports.synthetic import WIKITEXT2_LENGTHS, synthetic_batch
+    from ..ports.synthetic import LENGTHS, synthetic_batch
     from .worker import initial_params
     config = BERTConfig.from_preset(w.preset, vocab_size=w.vocab_size)
     if w.seq_len > config.max_len:
@@ -107,14 +107,15 @@ def prepare_inputs(w: Workload, folder, seed=0):
     base = os.path.join(folder, w.name)
     params_path, batch_path = base + '.params.npz', base + '.batch.npz'
     np.savez(params_path, **initial_params(config, w.task, seed))
-    # the book's WikiText-2 lengths where the workload asks for them at their 64 positions
-    # (a --quick workload is shorter: uniform lengths)
-    counts = WIKITEXT2_LENGTHS if w.lengths == 'wikitext-2' and \
-        w.seq_len == len(WIKITEXT2_LENGTHS) - 1 else None
+    # the book's WikiText-2 or SNLI lengths where the workload asks for them at their 64 or
+    # 128 positions (a --quick workload is shorter: uniform lengths)
+    counts = LENGTHS.get(w.lengths)
+    if counts is not None and w.seq_len != len(counts) - 1:
+        counts = None
     batch = synthetic_batch(np.random.default_rng(seed), config, w.task, w.batch_size,
                             w.seq_len, w.num_preds, length_counts=counts)
     np.savez(batch_path, **batch)
-    packed = packed_model_flops(config, batch) if w.task == 'pretrain' else None
+    packed = packed_model_flops(config, batch, task=w.task)
     return dict(config=config, params=params_path, batch=batch_path,
                 tokens=float(batch['valid_lens'].sum()), packed_flops=packed)
 
@@ -172,17 +173,20 @@ def _figures(m: Measurement, result, inputs, peak):
         out['tokens_per_sec'] = None  # real lengths vary batch to batch
     if out.get('median_step_s'):
         out['ms_per_step'] = 1000 * out['median_step_s']
+    # fine-tuning loops on real SNLI lengths: bucketed, or packed (ours), the synthetic
+    # batch's count does not hold
     bucketed = m.variant == 'ours-bucketed' or (m.scope == 'loop' and w.task == 'finetune'
-                                                and m.variant in ('torch-eager', 'jax-jit'))
+                                                and m.variant in ('torch-eager', 'jax-jit',
+                                                                  *LEAN))
     if out.get('median_step_s') and not bucketed:  # padded shapes: the count holds
         lean = m.variant in LEAN and w.task == 'finetune'  # the classifier's <cls> row
         flops = model_flops(config, w.task, w.batch_size, w.seq_len, w.num_preds,
                             train=m.mode == 'train', lean=lean)
-        if m.variant in LEAN and m.mode == 'train' and w.task == 'pretrain':
+        if m.variant in LEAN and m.mode == 'train':
             # the packed step skips the padding: count what it computes
             flops = inputs['packed_flops']
             out['packed'] = True
-        if lean:
+        elif lean:
             out['lean'] = True
         out['model_flops_per_step'] = flops
         out['model_gflops_per_sec'] = flops / out['median_step_s'] / 1e9
@@ -395,8 +399,8 @@ def run_bench(frameworks=('mxnet', 'd2l', 'torch', 'jax'), task='pretrain',
               progress=False, worker=WORKER):
     """One workload of your own, each variant (or framework name of the first harness:
     mxnet, d2l, torch, torch.compile, jax) in its own worker; returns the rows, whose
-    'framework' is the name asked for. `lengths`: 'wikitext-2' (the book's pretraining
-    lengths, where the shape is the book's) or 'uniform'."""
+    'framework' is the name asked for. `lengths`: 'wikitext-2' or 'snli' (the book's
+    pretraining or fine-tuning lengths, where the shape is the book's) or 'uniform'."""
     names = {}
     for fw in frameworks:
         names.setdefault(resolve_variants([fw])[0], fw)

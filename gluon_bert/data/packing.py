@@ -1,4 +1,4 @@
-"""Packed (unpadded) pretraining batches: only the real tokens and the real predictions.
+"""Packed (unpadded) batches: only the real tokens and the real predictions.
 
 A padded pretraining batch spends much of its arithmetic on nothing. At the book's shape
 (batch 512, max_len 64, 10 prediction slots) a WikiText-2 pair fills 72% of its 64
@@ -22,6 +22,10 @@ predictions only (`BERTEncoder.encode_packed`, `step.PackedPretrainObjective`):
   packed row of its position, its label and its weight;
 * ``valid_lens`` (B,) and ``nsp_labels`` (B,) as they were.
 
+`pack_finetune_batch` packs a fine-tuning shard the same way, without predictions and with
+its ``labels`` (`FINETUNE_PACKED_KEYS`): SNLI pairs padded to the book's 128 positions are
+79% padding, and the classifier reads the ``cls_rows`` alone (`BERTClassifier.classify_packed`).
+
 T' >= T and K' >= K are the sizes the caller asks for (``num_tokens``, ``num_rows``), so
 that a hybridized graph sees the same shapes from batch to batch; the extra entries point
 at row 0 and have weight 0, so they change no loss and no gradient. `PackedSizes` picks
@@ -31,10 +35,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ['pack_pretrain_batch', 'PackedSizes', 'PACKED_KEYS']
+__all__ = ['pack_pretrain_batch', 'pack_finetune_batch', 'PackedSizes', 'PACKED_KEYS',
+           'FINETUNE_PACKED_KEYS']
 
 PACKED_KEYS = ('tokens', 'segments', 'positions', 'valid_lens', 'unpack', 'pack', 'cls_rows',
                'mlm_rows', 'mlm_weights', 'mlm_labels', 'nsp_labels')
+# a fine-tuning shard: the same sequence part, then the labels
+FINETUNE_PACKED_KEYS = ('tokens', 'segments', 'positions', 'valid_lens', 'unpack', 'pack',
+                        'cls_rows', 'labels')
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -63,9 +71,12 @@ class PackedSizes:
         if isinstance(shards, dict):
             shards = [shards]
         need_t = max(int(_valid_mask(s).sum()) for s in shards)
-        need_k = max(int((np.asarray(s['mlm_weights']) != 0).sum()) for s in shards)
+        # fine-tuning shards have no predictions: num_rows stays 0
+        need_k = max(int((np.asarray(s['mlm_weights']) != 0).sum()) if 'mlm_weights' in s
+                     else 0 for s in shards)
         cap_t = max(int(np.asarray(s['tokens']).size) for s in shards)
-        cap_k = max(int(np.asarray(s['mlm_weights']).size) for s in shards)
+        cap_k = max(int(np.asarray(s['mlm_weights']).size) if 'mlm_weights' in s else 0
+                    for s in shards)
         self.num_tokens = self._grow(self.num_tokens, need_t, cap_t)
         self.num_rows = self._grow(self.num_rows, need_k, cap_k)
         return self.num_tokens, self.num_rows
@@ -78,11 +89,15 @@ def _valid_mask(batch) -> np.ndarray:
     return np.arange(tokens.shape[1])[None, :] < lengths[:, None]           # (B, L)
 
 
-def pack_pretrain_batch(batch, num_tokens: int | None = None,
-                        num_rows: int | None = None) -> dict[str, np.ndarray]:
-    """One shard of a padded pretraining batch (`data.PRETRAIN_KEYS`) -> its packed form
-    (`PACKED_KEYS`, see the module docstring), padded to `num_tokens` tokens and `num_rows`
-    predictions (default: exactly what it has)."""
+def _pad(values, size, dtype):
+    out = np.zeros(size, dtype)
+    out[:len(values)] = values
+    return out
+
+
+def _pack_sequences(batch, num_tokens):
+    """The sequence part of a packed shard (tokens ... cls_rows), and the packed row of
+    every padded position (B*L,)."""
     tokens = np.asarray(batch['tokens'])
     B, L = tokens.shape
     lengths = np.asarray(batch['valid_lens']).astype(np.int64)
@@ -99,12 +114,24 @@ def pack_pretrain_batch(batch, num_tokens: int | None = None,
     flat = np.flatnonzero(valid)                                            # (T,) b * L + l
     row_of = np.zeros(B * L, np.int32)                                      # (B*L,)
     row_of[flat] = np.arange(T, dtype=np.int32)
+    return dict(
+        tokens=_pad(tokens.reshape(-1)[flat], num_tokens, np.int32),
+        segments=_pad(np.asarray(batch['segments']).reshape(-1)[flat], num_tokens, np.int32),
+        positions=_pad(flat % L, num_tokens, np.int32),
+        valid_lens=np.asarray(batch['valid_lens'], np.float32),
+        unpack=row_of.reshape(B, L),                                        # (B*L,) -> (B, L)
+        pack=_pad(flat, num_tokens, np.int32),
+        cls_rows=row_of[np.arange(B) * L]), row_of
 
-    def padded(values, size, dtype):
-        out = np.zeros(size, dtype)
-        out[:len(values)] = values
-        return out
 
+def pack_pretrain_batch(batch, num_tokens: int | None = None,
+                        num_rows: int | None = None) -> dict[str, np.ndarray]:
+    """One shard of a padded pretraining batch (`data.PRETRAIN_KEYS`) -> its packed form
+    (`PACKED_KEYS`, see the module docstring), padded to `num_tokens` tokens and `num_rows`
+    predictions (default: exactly what it has)."""
+    packed, row_of = _pack_sequences(batch, num_tokens)
+    B, L = np.asarray(batch['tokens']).shape
+    lengths = np.asarray(batch['valid_lens']).astype(np.int64)
     weights = np.asarray(batch['mlm_weights'])                              # (B, P)
     real = weights != 0
     K = int(real.sum())
@@ -117,14 +144,16 @@ def pack_pretrain_batch(batch, num_tokens: int | None = None,
         raise ValueError('a prediction with a nonzero weight points at a padding position')
     pred_flat = example[real] * L + positions[real]                        # (K,)
     return dict(
-        tokens=padded(tokens.reshape(-1)[flat], num_tokens, np.int32),
-        segments=padded(np.asarray(batch['segments']).reshape(-1)[flat], num_tokens, np.int32),
-        positions=padded(flat % L, num_tokens, np.int32),
-        valid_lens=np.asarray(batch['valid_lens'], np.float32),
-        unpack=row_of.reshape(B, L),                                        # (B*L,) -> (B, L)
-        pack=padded(flat, num_tokens, np.int32),
-        cls_rows=row_of[np.arange(B) * L],
-        mlm_rows=padded(row_of[pred_flat], num_rows, np.int32),
-        mlm_weights=padded(weights[real], num_rows, np.float32),
-        mlm_labels=padded(np.asarray(batch['mlm_labels'])[real], num_rows, np.int32),
+        packed,
+        mlm_rows=_pad(row_of[pred_flat], num_rows, np.int32),
+        mlm_weights=_pad(weights[real], num_rows, np.float32),
+        mlm_labels=_pad(np.asarray(batch['mlm_labels'])[real], num_rows, np.int32),
         nsp_labels=np.asarray(batch['nsp_labels'], np.int32))
+
+
+def pack_finetune_batch(batch, num_tokens: int | None = None) -> dict[str, np.ndarray]:
+    """One shard of a padded fine-tuning batch (tokens, segments, valid_lens, labels) -> its
+    packed form (`FINETUNE_PACKED_KEYS`), padded to `num_tokens` tokens (default: exactly
+    what it has). The classifier reads the packed rows `cls_rows`."""
+    packed, _ = _pack_sequences(batch, num_tokens)
+    return dict(packed, labels=np.asarray(batch['labels'], np.int32))

@@ -152,3 +152,18 @@ class BERTClassifier(LegacyBoundary, nn.HybridBlock):
             return self.output(self.hidden(cls))                               # (B, C)
         encoded_X = self.encoder(tokens, segments, valid_lens)        # (B, L, H)
         return self.output(cls_hidden(F, self.hidden, encoded_X))      # (B, C)
+
+    def classify_packed(self, F, tokens, segments, positions, valid_lens, unpack, pack,
+                        cls_rows):
+        """The classifier on a packed batch (`data.packing.pack_finetune_batch`): the
+        encoder on the T real tokens only, its last block at the <cls> rows alone (unless
+        first_only=False). -> logits (B, C), those of `forward`. Called inside a parent
+        block's hybrid_forward (`step.PackedFinetuneObjective`) with its F."""
+        if self.first_only:
+            cls = self.encoder.encode_packed(F, tokens, segments, positions, valid_lens,
+                                             unpack, pack, cls_rows)          # (B, H)
+        else:
+            X = self.encoder.encode_packed(F, tokens, segments, positions, valid_lens,
+                                           unpack, pack)                      # (T, H)
+            cls = F.take(X, cls_rows)                                         # (T, H) -> (B, H)
+        return self.output(self.hidden(cls))                                  # (B, C)

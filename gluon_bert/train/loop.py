@@ -234,6 +234,11 @@ def _train(cfg, placement, resume, progress, stop_after, given, start):
         optimizer_state = None
     train_loader, eval_loader = loaders
     extra = dict(placement=placement) if cfg.framework == 'mxnet' else {}
+    if cfg.framework == 'mxnet' and cfg.task == 'finetune' and cfg.bucket:
+        # Length buckets come padded to their longest and run as they are: packed sizes
+        # only grow, so short buckets would compute at the longest ones' sizes, and packing
+        # already leaves out the padding that buckets save.
+        extra.update(packed=False, first_only=True)
     if cfg.dtype != 'float32':
         extra['dtype'] = cfg.dtype
     runner = make_runner(cfg.framework, config, params, task=cfg.task, lr=cfg.lr,

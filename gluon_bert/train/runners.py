@@ -142,12 +142,17 @@ class MXNetRunner(_Runner):
 
     `devices` and `kvstore` are `--devices` and `--kvstore`, or `placement` (a
     `train.devices.Placement`) says where this process trains: its devices, the KVStore that
-    reduces gradients across them and across workers, and its slice of every batch."""
+    reduces gradients across them and across workers, and its slice of every batch.
+
+    `packed=True` (the default) runs every step on the real tokens only (`data.packing`)
+    and the classifier's last block at <cls> only; `packed=False` is the book's arithmetic,
+    padded batches and every row, for comparisons at equal work (`first_only=True` keeps
+    the classifier's <cls>-only last block with padded batches)."""
     name = 'mxnet'
 
     def __init__(self, config: BERTConfig, params, task='pretrain', lr=1e-3, seed=0,
                  devices=None, clip_norm=None, kvstore='device', placement=None,
-                 hybridize=True, dtype='float32', packed=True):
+                 hybridize=True, dtype='float32', packed=True, first_only=None):
         import mxnet as mx
         from ..model import BERTClassifier, BERTModel
         from .devices import place
@@ -163,10 +168,11 @@ class MXNetRunner(_Runner):
         check_dtype(dtype, self.contexts)
         use_mixed_precision(dtype)
         self.dtype = dtype
-        # `packed=False`: the book's arithmetic, for comparisons at equal work (the padded
-        # pretraining batch; the classifier's last block on every position)
+        # `packed=False`: the book's arithmetic, for comparisons at equal work (padded
+        # batches; the classifier's last block on every position unless `first_only`)
+        first_only = packed if first_only is None else first_only
         self.net = BERTModel(config) if task == 'pretrain' else \
-            BERTClassifier(config, first_only=packed)
+            BERTClassifier(config, first_only=first_only)
         self.net.initialize(ctx=mx.cpu())
         _load_params(self.net, params, self.contexts)
         if hybridize:  # `hybridize=False` runs imperatively (benchmarks compare the two)
@@ -183,11 +189,8 @@ class MXNetRunner(_Runner):
             self.trainer._init_kvstore()
             self.trainer._init_params()
             mx.nd.waitall()
-        common = dict(loss_scale=LossScale() if dtype == 'float16' else None)
-        if task == 'pretrain':
-            step_cls, common['packed'] = PretrainStep, packed
-        else:
-            step_cls = FinetuneStep
+        common = dict(loss_scale=LossScale() if dtype == 'float16' else None, packed=packed)
+        step_cls = PretrainStep if task == 'pretrain' else FinetuneStep
         self.step = step_cls(self.net, self.trainer, self.contexts, clip_norm,
                              self.placement.rank, self.placement.num_workers, **common)
         # the trainer's parameter index -> the stable name (optimizer state is keyed by it)

@@ -18,12 +18,13 @@ import numpy as onp
 from mxnet import autograd, gluon
 
 from .. import kernels
-from ..data.packing import PACKED_KEYS, PackedSizes, pack_pretrain_batch
+from ..data.packing import (FINETUNE_PACKED_KEYS, PACKED_KEYS, PackedSizes,
+                            pack_finetune_batch, pack_pretrain_batch)
 from ..model.layers import LegacyBoundary
 
 __all__ = ['split_batch', 'host_shards', 'mlm_loss', 'nsp_loss', 'PretrainObjective',
-           'PackedPretrainObjective', 'FinetuneObjective', 'PretrainStep', 'FinetuneStep',
-           'make_trainer']
+           'PackedPretrainObjective', 'FinetuneObjective', 'PackedFinetuneObjective',
+           'PretrainStep', 'FinetuneStep', 'make_trainer']
 
 
 def split_batch(batch: dict[str, onp.ndarray], keys, contexts, rank: int = 0,
@@ -164,6 +165,29 @@ class FinetuneObjective(LegacyBoundary, gluon.HybridBlock):
         return _ce(F, logits, labels), F.BlockGrad(F.sum(hits))               # (1,), (1,)
 
 
+class PackedFinetuneObjective(LegacyBoundary, gluon.HybridBlock):
+    """`FinetuneObjective` on a packed batch (`data.packing.pack_finetune_batch`): the same
+    loss and gradients with the encoder on the real tokens only. SNLI pairs padded to the
+    book's max_len of 128 are about 80% padding."""
+
+    def __init__(self, net, **kwargs):
+        super().__init__(**kwargs)
+        self.net = net
+
+    def __call__(self, *args):
+        with warnings.catch_warnings():
+            # With gluon-bert's CPU kernels (gb_attention) unpack and pack go unused.
+            warnings.filterwarnings('ignore', message='.*not used by any computation')
+            return super().__call__(*args)
+
+    def hybrid_forward(self, F, tokens, segments, positions, valid_lens, unpack, pack,
+                       cls_rows, labels):
+        logits = self.net.classify_packed(F, tokens, segments, positions, valid_lens, unpack,
+                                          pack, cls_rows)                     # (B, C)
+        hits = F.broadcast_equal(F.argmax(logits, axis=-1), F.cast(labels, 'float32'))
+        return _ce(F, logits, labels), F.BlockGrad(F.sum(hits))               # (1,), (1,)
+
+
 def _objective(cls, net):
     """The objective around `net`, hybridized as `net` is (static memory when it is)."""
     objective = cls(net)
@@ -186,16 +210,38 @@ def make_trainer(params, lr, kvstore, optimizer='adam', weight_decay=0.0):
 
 class _Step:
     keys: tuple = ()
+    packed_keys: tuple = ()
 
     def __init__(self, net, trainer, contexts, clip_norm=None, rank=0, num_workers=1,
-                 loss_scale=None):
+                 loss_scale=None, packed=False):
         self.net = net
+        self.packed = packed
+        self.sizes = PackedSizes()  # packed shapes: grow-only, so the graph keeps one
         self.loss_scale = loss_scale  # float16: a `precision.LossScale`, else None
         self.trainer = trainer
         self.contexts = list(contexts)
         self.clip_norm = clip_norm
         self.rank, self.num_workers = rank, num_workers  # this worker's slice of each batch
         self.params = [p for p in trainer._params if p.grad_req != 'null']
+
+    def reserve(self, batch):
+        """Grow the packed sizes for `batch` without running it (the loop passes the epoch's
+        batches before the first step, so that the graph is planned once)."""
+        # one size for the shards of every worker (each holds the global batch): workers
+        # keep equal shapes, and any of them can save the sizes for all (runner.step_state)
+        every = [part for r in range(self.num_workers) for part, _ in
+                 host_shards(batch, self.keys, self.contexts, r, self.num_workers)]
+        return self.sizes.update(every)
+
+    def _shards(self, batch):
+        """One tuple of NDArrays per device: the objective's inputs."""
+        if not self.packed:
+            return split_batch(batch, self.keys, self.contexts, self.rank, self.num_workers)
+        parts = host_shards(batch, self.keys, self.contexts, self.rank, self.num_workers)
+        num_tokens, num_rows = self.reserve(batch)
+        return [tuple(_as_nd(a[k], ctx) for k in self.packed_keys)
+                for a, ctx in ((self._pack(part, num_tokens, num_rows), ctx)
+                               for part, ctx in parts)]
 
     def _backward(self, heads):
         # float16: gradients of the loss times the loss scale (undone in _update)
@@ -237,32 +283,15 @@ class PretrainStep(_Step):
     keys = ('tokens', 'segments', 'valid_lens', 'pred_positions', 'mlm_weights',
             'mlm_labels', 'nsp_labels')
 
+    packed_keys = PACKED_KEYS  # PackedPretrainObjective's input order
+
     def __init__(self, net, *args, packed=True, **kwargs):
-        super().__init__(net, *args, **kwargs)
-        self.packed = packed
-        self.sizes = PackedSizes()  # packed shapes: grow-only, so the graph keeps one
+        super().__init__(net, *args, packed=packed, **kwargs)
         self.objective = _objective(PackedPretrainObjective if packed else PretrainObjective,
                                     net)
 
-    def reserve(self, batch):
-        """Grow the packed sizes for `batch` without running it (the loop passes the epoch's
-        batches before the first step, so that the graph is planned once)."""
-        # one size for the shards of every worker (each holds the global batch): workers
-        # keep equal shapes, and any of them can save the sizes for all (runner.step_state)
-        every = [part for r in range(self.num_workers) for part, _ in
-                 host_shards(batch, self.keys, self.contexts, r, self.num_workers)]
-        return self.sizes.update(every)
-
-    def _shards(self, batch):
-        """One tuple of NDArrays per device: the objective's inputs."""
-        if not self.packed:
-            return split_batch(batch, self.keys, self.contexts, self.rank, self.num_workers)
-        parts = host_shards(batch, self.keys, self.contexts, self.rank, self.num_workers)
-        num_tokens, num_rows = self.reserve(batch)
-        # PACKED_KEYS is PackedPretrainObjective's input order
-        return [tuple(_as_nd(a[k], ctx) for k in PACKED_KEYS)
-                for a, ctx in ((pack_pretrain_batch(part, num_tokens, num_rows), ctx)
-                               for part, ctx in parts)]
+    def _pack(self, part, num_tokens, num_rows):
+        return pack_pretrain_batch(part, num_tokens, num_rows)
 
     def __call__(self, batch):
         # batch: global normalisers from the host copy, then one shard per device
@@ -285,16 +314,24 @@ class PretrainStep(_Step):
 
 
 class FinetuneStep(_Step):
-    """Cross-entropy for BERTClassifier. Returns (loss sum, number correct) arrays."""
-    keys = ('tokens', 'segments', 'valid_lens', 'labels')
+    """Cross-entropy for BERTClassifier. Returns (loss sum, number correct) arrays.
 
-    def __init__(self, net, *args, **kwargs):
-        super().__init__(net, *args, **kwargs)
-        self.objective = _objective(FinetuneObjective, net)
+    `packed=True` (the default) runs each shard packed (`data.packing`): the same loss and
+    gradients without the arithmetic on padding; `packed=False` runs the padded batch."""
+    keys = ('tokens', 'segments', 'valid_lens', 'labels')
+    packed_keys = FINETUNE_PACKED_KEYS  # PackedFinetuneObjective's input order
+
+    def __init__(self, net, *args, packed=True, **kwargs):
+        super().__init__(net, *args, packed=packed, **kwargs)
+        self.objective = _objective(PackedFinetuneObjective if packed else FinetuneObjective,
+                                    net)
+
+    def _pack(self, part, num_tokens, num_rows):
+        return pack_finetune_batch(part, num_tokens)
 
     def __call__(self, batch):
         batch_size = len(batch['tokens'])
-        shards = split_batch(batch, self.keys, self.contexts, self.rank, self.num_workers)
+        shards = self._shards(batch)
         losses, correct = [], []
         with autograd.record():
             for shard in shards:
