@@ -2,6 +2,7 @@
 
     python experiments/bench_report.py                      # the newest issue10 run
     python experiments/bench_report.py --commit abc1234 --since 2026-12-02T02:00
+    python experiments/bench_report.py --commit abc1234:pretrain-book,def5678
 
 A suite run writes experiments/results/bench_<suite>.md itself. This script is for a suite
 run in parts (e.g. `--workloads pretrain-book`, then the fine-tuning workloads, on a
@@ -31,10 +32,15 @@ def load_rows(path, suite, commit=None, since=None):
     if not rows:
         raise SystemExit(f'{path} holds no rows of suite {suite!r}')
     # one commit, or several separated by commas (parts run at commits that differ only
-    # outside the measured code: say so where the report is quoted)
+    # outside the measured code: say so where the report is quoted); `sha:w1+w2` takes
+    # only those workloads' rows (and the matmul peak) from that commit
     commit = commit or rows[-1].get('commit')
-    commits = set(commit.split(','))
-    rows = [r for r in rows if r.get('commit') in commits]
+    wanted = {}
+    for item in commit.split(','):
+        sha, _, names = item.partition(':')
+        wanted[sha] = set(names.split('+')) | {'matmul-peak'} if names else None
+    rows = [r for r in rows if r.get('commit') in wanted and
+            (wanted[r['commit']] is None or r.get('workload') in wanted[r['commit']])]
     if since:
         rows = [r for r in rows if (r.get('date') or '') >= since]
     if not rows:

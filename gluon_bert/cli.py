@@ -58,9 +58,12 @@ def _add_train_args(p, task):
                         'avx512_bf16/AMX or GPUs, float16 on GPUs (with loss scaling)')
     h.add_argument('--log-interval', type=int)
     h.add_argument('--checkpoint-interval', type=int)
-    h.add_argument('--pad-to', choices=('max_len', 'longest'))
+    h.add_argument('--pad-to', choices=('max_len', 'longest'),
+                   help="batches padded to --max-len (the book's; steps compute only the "
+                        'real tokens either way) or to their longest example')
     h.add_argument('--bucket', action='store_true', default=None,
-                   help='length-bucketed batches (use with --pad-to longest)')
+                   help='length-bucketed batches, run padded (use with --pad-to longest; '
+                        'the default packed steps are faster)')
     h.add_argument('--train-limit', type=int, help='use only the first N training examples')
     if task in ('pretrain', 'both'):
         h.add_argument('--preset', help='model shape: d2l.pretrain, bert.small, bert.base, tiny')
