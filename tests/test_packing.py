@@ -272,3 +272,25 @@ def test_packed_finetune_step_trains_as_the_padded_step(preset):
         onp.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * scale, err_msg=name)
         moved += not onp.array_equal(got, before[name])
     assert moved >= len(p1) - 2  # every parameter trained (W_k biases may get ~0)
+
+
+@pytest.mark.parametrize('hybridize', [False, True], ids=['imperative', 'hybridized'])
+def test_packed_evaluation_counts_what_the_padded_one_counts(hybridize):
+    """count_correct on packed shards (the default for our classifier) against the padded
+    batches: the same hits, over full batches and a short last one, on two devices."""
+    from gluon_bert.data.batching import BatchLoader
+    from gluon_bert.train.finetune import count_correct
+    config = BERTConfig.from_preset('tiny', vocab_size=VOCAB, dropout=0.1)
+    contexts = [mx.cpu(0), mx.cpu(1)]
+    net = BERTClassifier(config)
+    net.initialize(mx.init.Normal(0.5), ctx=contexts)
+    if hybridize:
+        net.hybridize(static_alloc=True, static_shape=True)
+    parts = [_finetune_batch(seed, B=8, L=12) for seed in range(3)]
+    arrays = {k: onp.concatenate([p[k] for p in parts])[:21] for k in parts[0]}
+    loader = BatchLoader(arrays, 8, shuffle=False)
+    packed = count_correct(net, loader, contexts, packed=True)
+    padded = count_correct(net, loader, contexts, packed=False)
+    assert packed == padded and packed[1] == 21
+    assert count_correct(net, loader, contexts) == packed  # packed by default
+    assert 0 < packed[0] < 21  # random weights: some right, some wrong

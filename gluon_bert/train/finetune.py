@@ -4,11 +4,13 @@ from __future__ import annotations
 import mxnet as mx
 import numpy as onp
 from mxnet import init
+from mxnet.util import is_np_array
 
 from ..config import TrainConfig
+from ..data.packing import FINETUNE_PACKED_KEYS, PackedSizes, pack_finetune_batch
 from ..errors import ConfigError
 from .loop import train
-from .step import split_batch
+from .step import PackedLogits, _as_nd, _objective, host_shards, split_batch
 
 __all__ = ['finetune', 'evaluate_accuracy', 'count_correct',
            'load_finetuning_data']
@@ -44,24 +46,45 @@ def load_finetuning_data(cfg: TrainConfig, vocab):
                         pad_to=cfg.pad_to, seed=cfg.seed))
 
 
-def count_correct(net, loader, contexts, rank=0, num_workers=1):
+def count_correct(net, loader, contexts, rank=0, num_workers=1, packed=None):
     """(correctly classified, examples) of this worker's slice of every batch; one
-    read-back at the end."""
+    read-back at the end.
+
+    `packed` (default: for this package's `BERTClassifier` outside numpy mode) runs each
+    shard on its real tokens only (`data.packing`), the same logits as the padded batch."""
+    from ..model import BERTClassifier
+    if packed is None:
+        packed = isinstance(net, BERTClassifier) and not is_np_array()
+    keys = ('tokens', 'segments', 'valid_lens', 'labels')
+    forward = _objective(PackedLogits, net) if packed else None
+    sizes = PackedSizes()  # grow-only: one graph for the loader's full batches
     correct, total = [], 0
     loader.set_epoch(0)
     for batch in loader:
-        for tokens, segments, valid_lens, labels in split_batch(
-                batch, ('tokens', 'segments', 'valid_lens', 'labels'), contexts, rank,
-                num_workers, skip_empty=True):
-            pred = net(tokens, segments, valid_lens).argmax(axis=-1)
-            correct.append((pred == labels.astype('float32')).sum().as_in_context(contexts[0]))
-            total += labels.shape[0]
+        if not packed:
+            for tokens, segments, valid_lens, labels in split_batch(
+                    batch, keys, contexts, rank, num_workers, skip_empty=True):
+                pred = net(tokens, segments, valid_lens).argmax(axis=-1)
+                correct.append((pred == labels.astype('float32')).sum()
+                               .as_in_context(contexts[0]))
+                total += labels.shape[0]
+            continue
+        parts = host_shards(batch, keys, contexts, rank, num_workers, skip_empty=True)
+        if not parts:
+            continue
+        num_tokens, _ = sizes.update([part for part, _ in parts])
+        for part, ctx in parts:
+            shard = pack_finetune_batch(part, num_tokens)
+            logits = forward(*(_as_nd(shard[k], ctx) for k in FINETUNE_PACKED_KEYS[:-1]))
+            hits = logits.argmax(axis=-1) == _as_nd(shard['labels'], ctx).astype('float32')
+            correct.append(hits.sum().as_in_context(contexts[0]))
+            total += len(part['labels'])
     return (float(mx.nd.add_n(*correct).asscalar()) if correct else 0.0), total
 
 
-def evaluate_accuracy(net, loader, contexts):
-    """Share of correctly classified examples."""
-    correct, total = count_correct(net, loader, contexts)
+def evaluate_accuracy(net, loader, contexts, packed=None):
+    """Share of correctly classified examples (`packed`: see `count_correct`)."""
+    correct, total = count_correct(net, loader, contexts, packed=packed)
     return correct / max(total, 1)
 
 

@@ -24,7 +24,7 @@ from ..model.layers import LegacyBoundary
 
 __all__ = ['split_batch', 'host_shards', 'mlm_loss', 'nsp_loss', 'PretrainObjective',
            'PackedPretrainObjective', 'FinetuneObjective', 'PackedFinetuneObjective',
-           'PretrainStep', 'FinetuneStep', 'make_trainer']
+           'PackedLogits', 'PretrainStep', 'FinetuneStep', 'make_trainer']
 
 
 def split_batch(batch: dict[str, onp.ndarray], keys, contexts, rank: int = 0,
@@ -163,6 +163,26 @@ class FinetuneObjective(LegacyBoundary, gluon.HybridBlock):
         logits = self.net(tokens, segments, valid_lens)                       # (B, C)
         hits = F.broadcast_equal(F.argmax(logits, axis=-1), F.cast(labels, 'float32'))
         return _ce(F, logits, labels), F.BlockGrad(F.sum(hits))               # (1,), (1,)
+
+
+class PackedLogits(LegacyBoundary, gluon.HybridBlock):
+    """BERTClassifier's logits (B, C) on a packed shard (`data.packing.pack_finetune_batch`,
+    its keys but the labels): evaluation without the arithmetic on padding."""
+
+    def __init__(self, net, **kwargs):
+        super().__init__(**kwargs)
+        self.net = net
+
+    def __call__(self, *args):
+        with warnings.catch_warnings():
+            # With gluon-bert's CPU kernels (gb_attention) unpack and pack go unused.
+            warnings.filterwarnings('ignore', message='.*not used by any computation')
+            return super().__call__(*args)
+
+    def hybrid_forward(self, F, tokens, segments, positions, valid_lens, unpack, pack,
+                       cls_rows):
+        return self.net.classify_packed(F, tokens, segments, positions, valid_lens, unpack,
+                                        pack, cls_rows)                       # (B, C)
 
 
 class PackedFinetuneObjective(LegacyBoundary, gluon.HybridBlock):
