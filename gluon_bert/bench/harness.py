@@ -173,12 +173,12 @@ def _figures(m: Measurement, result, inputs, peak):
         out['tokens_per_sec'] = None  # real lengths vary batch to batch
     if out.get('median_step_s'):
         out['ms_per_step'] = 1000 * out['median_step_s']
-    # fine-tuning loops on real SNLI lengths: bucketed, or packed (ours), the synthetic
+    # fine-tuning loops on real SNLI batches, bucketed or packed (ours): the synthetic
     # batch's count does not hold
-    bucketed = m.variant == 'ours-bucketed' or (m.scope == 'loop' and w.task == 'finetune'
-                                                and m.variant in ('torch-eager', 'jax-jit',
-                                                                  *LEAN))
-    if out.get('median_step_s') and not bucketed:  # padded shapes: the count holds
+    real_shapes = m.variant == 'ours-bucketed' or (
+        m.scope == 'loop' and w.task == 'finetune' and m.variant in ('torch-eager', 'jax-jit',
+                                                                      *LEAN))
+    if out.get('median_step_s') and not real_shapes:  # the synthetic batch's count holds
         lean = m.variant in LEAN and w.task == 'finetune'  # the classifier's <cls> row
         flops = model_flops(config, w.task, w.batch_size, w.seq_len, w.num_preds,
                             train=m.mode == 'train', lean=lean)

@@ -92,68 +92,50 @@ def _rate(rows, workload, variant, mode='train', scope='step', dtype='float32',
     return None, None
 
 
+def _ours_rate(rows, workload, ours, mode='train', scope='step'):
+    """(examples/s, label) of `ours` on `workload`: one variant, or a tuple of variants of
+    which the fastest counts (the label then names it)."""
+    if isinstance(ours, str):
+        return _rate(rows, workload, ours, mode, scope)[0], ''
+    rates = {v: _rate(rows, workload, v, mode, scope)[0] for v in ours}
+    rates = {v: r for v, r in rates.items() if r}
+    if not rates:
+        return None, ''
+    best = max(rates, key=rates.get)
+    return rates[best], f' ({best})'
+
+
+def _names(ours):
+    return ours if isinstance(ours, str) else 'one of ' + ', '.join(ours)
+
+
 def _ratio(workload, ours, other, scope='step', mode='train'):
     def compute(rows):
-        a, _ = _rate(rows, workload, ours, mode, scope)
+        a, which = _ours_rate(rows, workload, ours, mode, scope)
         b, _ = _rate(rows, workload, other, mode, scope)
         if not a or not b:
-            return None, f'needs {ours} and {other} ({workload}, {mode} {scope})'
-        return a / b, f'{a:.1f} / {b:.1f} examples/s'
+            return None, f'needs {_names(ours)} and {other} ({workload}, {mode} {scope})'
+        return a / b, f'{a:.1f}{which} / {b:.1f} examples/s'
     return compute
 
 
 def _ratio_to_fastest(workload, ours, others, scope='step', workloads=None):
     def compute(rows):
         for wl in workloads or (workload,):
-            a, _ = _rate(rows, wl, ours, 'train', scope)
+            a, which = _ours_rate(rows, wl, ours, 'train', scope)
             rates = {o: _rate(rows, wl, o, 'train', scope)[0] for o in others}
             rates = {o: v for o, v in rates.items() if v}
             if a and rates:
                 best = max(rates, key=rates.get)
-                return a / rates[best], f'{wl}: {a:.1f} / {rates[best]:.1f} ({best}, fastest ' \
-                                        f'of {", ".join(sorted(rates))})'
-        return None, f'needs {ours} and one of {", ".join(others)} ({scope})'
+                return a / rates[best], f'{wl}: {a:.1f}{which} / {rates[best]:.1f} ({best}, ' \
+                                        f'fastest of {", ".join(sorted(rates))})'
+        return None, f'needs {_names(ours)} and one of {", ".join(others)} ({scope})'
     return compute
 
 
 # Our fine-tuning loop at its best: packed at the book's padding (ours-hybrid, the default
 # `gluon-bert finetune`) or length-bucketed (ours-bucketed, `--pad-to longest --bucket`)
 OURS_LOOPS = ('ours-hybrid', 'ours-bucketed')
-
-
-def _best_loop(rows, workload):
-    """(variant, examples/s) of our faster fine-tuning loop on `workload`, or (None, None)."""
-    rates = {v: _rate(rows, workload, v, 'train', 'loop')[0] for v in OURS_LOOPS}
-    rates = {v: r for v, r in rates.items() if r}
-    if not rates:
-        return None, None
-    best = max(rates, key=rates.get)
-    return best, rates[best]
-
-
-def _loop_ratio(other):
-    """Our best fine-tuning loop against `other`'s loop (the first workload with both)."""
-    def compute(rows):
-        for wl in FINETUNE_LOOPS:
-            ours, a = _best_loop(rows, wl)
-            b, _ = _rate(rows, wl, other, 'train', 'loop')
-            if a and b:
-                return a / b, f'{wl}: {a:.1f} ({ours}) / {b:.1f} examples/s'
-        return None, f'needs one of {", ".join(OURS_LOOPS)} and {other} (loop)'
-    return compute
-
-
-def _loop_to_fastest_port(rows):
-    for wl in FINETUNE_LOOPS:
-        ours, a = _best_loop(rows, wl)
-        rates = {o: _rate(rows, wl, o, 'train', 'loop')[0] for o in LOOP_PORTS}
-        rates = {o: v for o, v in rates.items() if v}
-        if a and rates:
-            best = max(rates, key=rates.get)
-            return a / rates[best], f'{wl}: {a:.1f} ({ours}) / {rates[best]:.1f} ({best}, ' \
-                                    f'fastest of {", ".join(sorted(rates))})'
-    return None, f'needs one of {", ".join(OURS_LOOPS)} and one of {", ".join(LOOP_PORTS)} ' \
-                 '(loop)'
 
 
 def _first(workloads, compute_for):
@@ -230,9 +212,9 @@ TARGETS = (
     Target('pretrain-book step: ours / fastest of torch-eager, torch-compile, jax-jit, '
            'gluonnlp', 1.1, _ratio_to_fastest('pretrain-book', 'ours-hybrid', PORTS)),
     Target('fine-tune whole loop: ours (packed or bucketed) / d2l-mxnet (padded to 128)', 8.0,
-           _loop_ratio('d2l-mxnet')),
+           _first(FINETUNE_LOOPS, lambda wl: _ratio(wl, OURS_LOOPS, 'd2l-mxnet', 'loop'))),
     Target('fine-tune whole loop: ours (packed or bucketed) / fastest port (bucketed)', 1.25,
-           _loop_to_fastest_port),
+           _ratio_to_fastest(None, OURS_LOOPS, LOOP_PORTS, 'loop', FINETUNE_LOOPS)),
     Target('padded fine-tuning step: share of the fp32 matmul peak', 0.5,
            _peak_share(('finetune-small-128', 'finetune-small-512'))),
     Target('bf16 / fp32, ours, bert.small step (finetune-small-128)', 1.5,

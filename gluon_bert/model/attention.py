@@ -94,12 +94,9 @@ class MultiHeadAttention(LegacyBoundary, nn.HybridBlock):
             # With `rows`, queries are projected and attend at those rows only.
             rate = self.dropout._rate if autograd.is_training() else 0.0
             opts = dict(num_heads=self.num_heads, alpha=self._scale, p=rate)
-            if rows is None:
-                q = self.W_q(queries)                                       # (T, H)
-                f32 = [kernels.float32(F, x) for x in (q, k, v, valid_lens)]
-            else:
-                q = self.W_q(F.take(queries, rows))                         # (R, H)
-                f32 = [kernels.float32(F, x) for x in (q, k, v, valid_lens)]
+            q = self.W_q(queries if rows is None else F.take(queries, rows))  # (T or R, H)
+            f32 = [kernels.float32(F, x) for x in (q, k, v, valid_lens)]
+            if rows is not None:
                 f32.append(F.cast(rows, dtype='float32'))  # the kernel reads float32 rows
                 opts['query_rows'] = True
             return self.W_o(F.gb_attention(*f32, **opts)[0])                # (T, H) or (R, H)

@@ -126,11 +126,8 @@ class PretrainObjective(LegacyBoundary, gluon.HybridBlock):
         return mlm, nsp                                          # (1,), (1,)
 
 
-class PackedPretrainObjective(LegacyBoundary, gluon.HybridBlock):
-    """`PretrainObjective` on a packed batch (`gluon_bert.data.packing`): the same losses
-    and gradients, with the encoder's per-token layers run on the real tokens only and the
-    MLM head on the real predictions only (`BERTModel.pretrain_packed`). At the book's shape
-    on real WikiText-2, 28% of the positions and 30% of the prediction slots are padding."""
+class _PackedGraph(LegacyBoundary, gluon.HybridBlock):
+    """A graph around `net` whose inputs are packed shards (`gluon_bert.data.packing`)."""
 
     def __init__(self, net, **kwargs):
         super().__init__(**kwargs)
@@ -142,6 +139,13 @@ class PackedPretrainObjective(LegacyBoundary, gluon.HybridBlock):
             warnings.filterwarnings('ignore', message='.*not used by any computation')
             return super().__call__(*args)
 
+
+class PackedPretrainObjective(_PackedGraph):
+    """`PretrainObjective` on a packed batch (`gluon_bert.data.packing`): the same losses
+    and gradients, with the encoder's per-token layers run on the real tokens only and the
+    MLM head on the real predictions only (`BERTModel.pretrain_packed`). At the book's shape
+    on real WikiText-2, 28% of the positions and 30% of the prediction slots are padding."""
+
     def hybrid_forward(self, F, tokens, segments, positions, valid_lens, unpack, pack,
                        cls_rows, mlm_rows, weights, mlm_labels, nsp_labels, norms):
         mlm_Y_hat, nsp_Y_hat = self.net.pretrain_packed(
@@ -149,6 +153,12 @@ class PackedPretrainObjective(LegacyBoundary, gluon.HybridBlock):
         mlm = _mlm_ce(F, mlm_Y_hat, mlm_labels, weights) * F.slice_axis(norms, 0, 0, 1)
         nsp = _ce(F, nsp_Y_hat, nsp_labels) * F.slice_axis(norms, 0, 1, 2)
         return mlm, nsp                                          # (1,), (1,)
+
+
+def _loss_and_hits(F, logits, labels):
+    """The summed cross-entropy of logits (B, C) and the number of correct predictions."""
+    hits = F.broadcast_equal(F.argmax(logits, axis=-1), F.cast(labels, 'float32'))
+    return _ce(F, logits, labels), F.BlockGrad(F.sum(hits))                   # (1,), (1,)
 
 
 class FinetuneObjective(LegacyBoundary, gluon.HybridBlock):
@@ -161,23 +171,12 @@ class FinetuneObjective(LegacyBoundary, gluon.HybridBlock):
 
     def hybrid_forward(self, F, tokens, segments, valid_lens, labels):
         logits = self.net(tokens, segments, valid_lens)                       # (B, C)
-        hits = F.broadcast_equal(F.argmax(logits, axis=-1), F.cast(labels, 'float32'))
-        return _ce(F, logits, labels), F.BlockGrad(F.sum(hits))               # (1,), (1,)
+        return _loss_and_hits(F, logits, labels)
 
 
-class PackedLogits(LegacyBoundary, gluon.HybridBlock):
+class PackedLogits(_PackedGraph):
     """BERTClassifier's logits (B, C) on a packed shard (`data.packing.pack_finetune_batch`,
     its keys but the labels): evaluation without the arithmetic on padding."""
-
-    def __init__(self, net, **kwargs):
-        super().__init__(**kwargs)
-        self.net = net
-
-    def __call__(self, *args):
-        with warnings.catch_warnings():
-            # With gluon-bert's CPU kernels (gb_attention) unpack and pack go unused.
-            warnings.filterwarnings('ignore', message='.*not used by any computation')
-            return super().__call__(*args)
 
     def hybrid_forward(self, F, tokens, segments, positions, valid_lens, unpack, pack,
                        cls_rows):
@@ -185,27 +184,16 @@ class PackedLogits(LegacyBoundary, gluon.HybridBlock):
                                         pack, cls_rows)                       # (B, C)
 
 
-class PackedFinetuneObjective(LegacyBoundary, gluon.HybridBlock):
+class PackedFinetuneObjective(_PackedGraph):
     """`FinetuneObjective` on a packed batch (`data.packing.pack_finetune_batch`): the same
     loss and gradients with the encoder on the real tokens only. SNLI pairs padded to the
     book's max_len of 128 are about 80% padding."""
-
-    def __init__(self, net, **kwargs):
-        super().__init__(**kwargs)
-        self.net = net
-
-    def __call__(self, *args):
-        with warnings.catch_warnings():
-            # With gluon-bert's CPU kernels (gb_attention) unpack and pack go unused.
-            warnings.filterwarnings('ignore', message='.*not used by any computation')
-            return super().__call__(*args)
 
     def hybrid_forward(self, F, tokens, segments, positions, valid_lens, unpack, pack,
                        cls_rows, labels):
         logits = self.net.classify_packed(F, tokens, segments, positions, valid_lens, unpack,
                                           pack, cls_rows)                     # (B, C)
-        hits = F.broadcast_equal(F.argmax(logits, axis=-1), F.cast(labels, 'float32'))
-        return _ce(F, logits, labels), F.BlockGrad(F.sum(hits))               # (1,), (1,)
+        return _loss_and_hits(F, logits, labels)
 
 
 def _objective(cls, net):
