@@ -44,6 +44,7 @@ def predict_pairs(run, pairs, max_len=None, devices=None, batch_size=256):
     from .data.snli import SNLIBERTDataset, tokenize_like_snli
     from .pretrained import load_classifier
     from .train import parse_contexts
+    from .train.step import PackedForward
     contexts = parse_contexts(devices)
     net, vocab, config = load_classifier(run, contexts)
     if max_len:
@@ -54,12 +55,15 @@ def predict_pairs(run, pairs, max_len=None, devices=None, batch_size=256):
     data = SNLIBERTDataset((premises, hypotheses, [0] * len(pairs)), max_len, vocab,
                            num_workers=1)
     arrays = data.arrays
+    # the classifier on each batch's real tokens only (`data.packing`): the padded batch's
+    # logits without its arithmetic on padding
+    forward = PackedForward(net)
+    keys = ('tokens', 'segments', 'valid_lens')
     rows = []
     for lo in range(0, len(pairs), batch_size):
+        batch = {k: arrays[k][lo:lo + batch_size] for k in keys}
+        probs = mx.nd.softmax(forward(batch, contexts[0]), axis=-1).asnumpy()
         sl = slice(lo, lo + batch_size)
-        args = [mx.nd.array(arrays[k][sl], ctx=contexts[0], dtype=arrays[k].dtype)
-                for k in ('tokens', 'segments', 'valid_lens')]
-        probs = mx.nd.softmax(net(*args), axis=-1).asnumpy()
         for (p, h), pr in zip(pairs[sl], probs):
             rows.append(dict(premise=p, hypothesis=h, label=LABELS[int(pr.argmax())],
                              probabilities={name: round(float(x), 4)

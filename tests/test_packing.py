@@ -279,3 +279,68 @@ def test_packed_evaluation_counts_what_the_padded_one_counts(hybridize):
     assert packed == padded and packed[1] == 21
     assert count_correct(net, loader, contexts) == packed  # packed by default
     assert 0 < packed[0] < 21  # random weights: some right, some wrong
+
+
+# -- packed inference -----------------------------------------------------------------------
+
+
+def _without_labels(batch):
+    return {k: v for k, v in batch.items() if k not in ('labels', 'mlm_labels', 'nsp_labels')}
+
+
+@pytest.mark.parametrize('preset', ['tiny', 'tiny.bert'])
+@pytest.mark.filterwarnings('ignore:.*not used by any computation')
+def test_packed_forward_gives_the_padded_outputs(preset, hybridize):
+    """step.PackedForward (runner.infer_async, `gluon-bert predict`, evaluation): the
+    classifier's logits and BERTModel's MLM and NSP outputs at the real predictions are the
+    padded forward's, for batches without labels; one graph and grow-only sizes serve a
+    larger and then a smaller batch."""
+    from gluon_bert.train.step import PackedForward
+    config = BERTConfig.from_preset(preset, vocab_size=VOCAB, dropout=0.5)  # off: inference
+    ctx = mx.cpu()
+
+    def close(a, b):
+        onp.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(onp.abs(b).max()))
+
+    for make in (BERTModel, BERTClassifier):
+        net = make(config)
+        net.initialize(mx.init.Normal(0.5))
+        if hybridize:
+            net.hybridize(static_alloc=True, static_shape=True)
+        forward = PackedForward(net)
+        graph = forward.graph
+        for seed, B in ((5, 8), (6, 3)):
+            batch = _without_labels(_batch(seed, B=B))
+            padded = net(*(mx.nd.array(batch[k], dtype=batch[k].dtype) for k in
+                           ('tokens', 'segments', 'valid_lens', 'pred_positions')[:4 if
+                           make is BERTModel else 3]))
+            out = forward(batch, ctx)
+            if make is BERTClassifier:
+                assert out.shape == (B, config.num_classes)
+                close(out.asnumpy(), padded.asnumpy())
+                continue
+            _, mlm_hat, nsp_hat = padded
+            mlm, nsp = out
+            real = batch['mlm_weights'] != 0
+            assert mlm.shape[0] >= real.sum() and nsp.shape == (B, 2)
+            close(mlm.asnumpy()[:int(real.sum())], mlm_hat.asnumpy()[real])
+            close(nsp.asnumpy(), nsp_hat.asnumpy())
+        assert forward.graph is graph and forward.sizes.num_tokens >= 8 * 12 // 2
+
+
+def test_runner_inference_is_packed_as_its_step():
+    """MXNetRunner.infer_async and predict: packed by default, padded with packed=False,
+    the same logits either way; the bench times infer_async."""
+    from gluon_bert.train.runners import MXNetRunner
+    from gluon_bert.train.step import PackedForward
+    config = BERTConfig.from_preset('tiny', vocab_size=VOCAB, dropout=0.1)
+    net = BERTClassifier(config)
+    net.initialize(mx.init.Normal(0.5))
+    params = {k: p.data().asnumpy() for k, p in net._collect_params_with_prefix().items()}
+    batch = _finetune_batch(7)
+    runners = [MXNetRunner(config, params, task='finetune', packed=p) for p in (True, False)]
+    logits = [r.infer_async(batch).asnumpy() for r in runners]
+    assert isinstance(runners[0]._forward, PackedForward) and runners[1]._forward is None
+    onp.testing.assert_allclose(logits[0], logits[1], rtol=0,
+                                atol=2e-5 * float(onp.abs(logits[1]).max()))
+    onp.testing.assert_array_equal(runners[0].predict(batch), logits[0])

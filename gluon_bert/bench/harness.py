@@ -115,7 +115,8 @@ def prepare_inputs(w: Workload, folder, seed=0):
     batch = synthetic_batch(np.random.default_rng(seed), config, w.task, w.batch_size,
                             w.seq_len, w.num_preds, length_counts=counts)
     np.savez(batch_path, **batch)
-    packed = packed_model_flops(config, batch, task=w.task)
+    packed = {mode: packed_model_flops(config, batch, train=mode == 'train', task=w.task)
+              for mode in ('train', 'infer')}
     return dict(config=config, params=params_path, batch=batch_path,
                 tokens=float(batch['valid_lens'].sum()), packed_flops=packed)
 
@@ -179,15 +180,13 @@ def _figures(m: Measurement, result, inputs, peak):
         m.scope == 'loop' and w.task == 'finetune' and m.variant in ('torch-eager', 'jax-jit',
                                                                       *LEAN))
     if out.get('median_step_s') and not real_shapes:  # the synthetic batch's count holds
-        lean = m.variant in LEAN and w.task == 'finetune'  # the classifier's <cls> row
-        flops = model_flops(config, w.task, w.batch_size, w.seq_len, w.num_preds,
-                            train=m.mode == 'train', lean=lean)
-        if m.variant in LEAN and m.mode == 'train':
-            # the packed step skips the padding: count what it computes
-            flops = inputs['packed_flops']
+        if m.variant in LEAN:
+            # the packed step and forward skip the padding: count what they compute
+            flops = inputs['packed_flops'][m.mode]
             out['packed'] = True
-        elif lean:
-            out['lean'] = True
+        else:  # the padded batch, every position, as the book computes
+            flops = model_flops(config, w.task, w.batch_size, w.seq_len, w.num_preds,
+                                train=m.mode == 'train')
         out['model_flops_per_step'] = flops
         out['model_gflops_per_sec'] = flops / out['median_step_s'] / 1e9
         for dt in ('float32', 'bfloat16'):

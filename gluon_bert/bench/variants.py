@@ -88,22 +88,16 @@ def _ours(variant, config, params, batch, task, dtype, devices, lr):
     if variant == 'ours-padded':
         options['packed'] = False
     runner = MXNetRunner(config, params, task=task, lr=lr, devices=devices, **options)
-    ctx = runner.contexts[0]
     counter = iter(range(10 ** 9))
     notes = []
     if len(runner.contexts) > 1:
         notes.append('inference runs on the first device only')
 
     def infer():
-        if dtype != 'float32':  # the runner's own casting path
-            return runner.predict(batch)
-        args = [mx.nd.array(batch[k], ctx=ctx, dtype=batch[k].dtype) for k in INPUTS]
-        if task == 'pretrain':
-            args.append(mx.nd.array(batch['pred_positions'], ctx=ctx, dtype='int32'))
-        return runner.net(*args)  # not recorded: no gradients, dropout off
+        # packed as the step is (the heads' outputs at the real predictions or <cls>);
+        # ours-padded runs the book's padded forward
+        return runner.infer_async(batch)  # not recorded: no gradients, dropout off
 
-    if dtype != 'float32':
-        notes.append('inference through runner.predict (outputs copied to the host)')
     return Step(lambda: runner.train_step_async(batch, next(counter)), infer, mx.nd.waitall,
                 str(runner.contexts), notes)
 

@@ -128,7 +128,8 @@ def pack_pretrain_batch(batch, num_tokens: int | None = None,
                         num_rows: int | None = None) -> dict[str, np.ndarray]:
     """One shard of a padded pretraining batch (`data.PRETRAIN_KEYS`) -> its packed form
     (`PACKED_KEYS`, see the module docstring), padded to `num_tokens` tokens and `num_rows`
-    predictions (default: exactly what it has)."""
+    predictions (default: exactly what it has). An inference batch may leave out
+    ``mlm_labels`` and ``nsp_labels`` (packed as zeros)."""
     packed, row_of = _pack_sequences(batch, num_tokens)
     B, L = np.asarray(batch['tokens']).shape
     lengths = np.asarray(batch['valid_lens']).astype(np.int64)
@@ -143,17 +144,24 @@ def pack_pretrain_batch(batch, num_tokens: int | None = None,
     if K and (positions[real] >= lengths[example[real]]).any():
         raise ValueError('a prediction with a nonzero weight points at a padding position')
     pred_flat = example[real] * L + positions[real]                        # (K,)
+    # inference batches may come without labels: zeros, which nothing reads
+    mlm_labels = np.asarray(batch['mlm_labels']) if 'mlm_labels' in batch else \
+        np.zeros(weights.shape, np.int32)                                    # (B, P)
+    nsp_labels = batch['nsp_labels'] if 'nsp_labels' in batch else np.zeros(B, np.int32)
     return dict(
         packed,
         mlm_rows=_pad(row_of[pred_flat], num_rows, np.int32),
         mlm_weights=_pad(weights[real], num_rows, np.float32),
-        mlm_labels=_pad(np.asarray(batch['mlm_labels'])[real], num_rows, np.int32),
-        nsp_labels=np.asarray(batch['nsp_labels'], np.int32))
+        mlm_labels=_pad(mlm_labels[real], num_rows, np.int32),
+        nsp_labels=np.asarray(nsp_labels, np.int32))
 
 
 def pack_finetune_batch(batch, num_tokens: int | None = None) -> dict[str, np.ndarray]:
     """One shard of a padded fine-tuning batch (tokens, segments, valid_lens, labels) -> its
     packed form (`FINETUNE_PACKED_KEYS`), padded to `num_tokens` tokens (default: exactly
-    what it has). The classifier reads the packed rows `cls_rows`."""
+    what it has). The classifier reads the packed rows `cls_rows`. A batch without
+    ``labels`` (inference) packs without them."""
     packed, _ = _pack_sequences(batch, num_tokens)
-    return dict(packed, labels=np.asarray(batch['labels'], np.int32))
+    if 'labels' in batch:
+        packed['labels'] = np.asarray(batch['labels'], np.int32)
+    return packed

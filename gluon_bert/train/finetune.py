@@ -7,10 +7,9 @@ from mxnet import init
 from mxnet.util import is_np_array
 
 from ..config import TrainConfig
-from ..data.packing import FINETUNE_PACKED_KEYS, PackedSizes, pack_finetune_batch
 from ..errors import ConfigError
 from .loop import train
-from .step import PackedLogits, _as_nd, _objective, host_shards, split_batch
+from .step import PackedForward, _as_nd, host_shards, split_batch
 
 __all__ = ['finetune', 'evaluate_accuracy', 'count_correct',
            'load_finetuning_data']
@@ -46,18 +45,20 @@ def load_finetuning_data(cfg: TrainConfig, vocab):
                         pad_to=cfg.pad_to, seed=cfg.seed))
 
 
-def count_correct(net, loader, contexts, rank=0, num_workers=1, packed=None):
+def count_correct(net, loader, contexts, rank=0, num_workers=1, packed=None, forward=None):
     """(correctly classified, examples) of this worker's slice of every batch; one
     read-back at the end.
 
     `packed` (default: for this package's `BERTClassifier` outside numpy mode) runs each
-    shard on its real tokens only (`data.packing`), the same logits as the padded batch."""
+    shard on its real tokens only (`data.packing`), the same logits as the padded batch;
+    `forward`, a `step.PackedForward` of `net` to reuse (a runner keeps one, so that the
+    graph is built once for all its evaluations), implies it."""
     from ..model import BERTClassifier
     if packed is None:
-        packed = isinstance(net, BERTClassifier) and not is_np_array()
+        packed = forward is not None or (isinstance(net, BERTClassifier) and not is_np_array())
     keys = ('tokens', 'segments', 'valid_lens', 'labels')
-    forward = _objective(PackedLogits, net) if packed else None
-    sizes = PackedSizes()  # grow-only: one graph for the loader's full batches
+    if packed and forward is None:
+        forward = PackedForward(net)
     correct, total = [], 0
     loader.set_epoch(0)
     for batch in loader:
@@ -72,11 +73,10 @@ def count_correct(net, loader, contexts, rank=0, num_workers=1, packed=None):
         parts = host_shards(batch, keys, contexts, rank, num_workers, skip_empty=True)
         if not parts:
             continue
-        num_tokens, _ = sizes.update([part for part, _ in parts])
+        sizes = forward.reserve([part for part, _ in parts])  # grow-only: one graph
         for part, ctx in parts:
-            shard = pack_finetune_batch(part, num_tokens)
-            logits = forward(*(_as_nd(shard[k], ctx) for k in FINETUNE_PACKED_KEYS[:-1]))
-            hits = logits.argmax(axis=-1) == _as_nd(shard['labels'], ctx).astype('float32')
+            logits = forward(part, ctx, sizes)
+            hits = logits.argmax(axis=-1) == _as_nd(part['labels'], ctx).astype('float32')
             correct.append(hits.sum().as_in_context(contexts[0]))
             total += len(part['labels'])
     return (float(mx.nd.add_n(*correct).asscalar()) if correct else 0.0), total

@@ -196,6 +196,7 @@ class MXNetRunner(_Runner):
         # the trainer's parameter index -> the stable name (optimizer state is keyed by it)
         by_id = {id(p): n for n, p in self.net._collect_params_with_prefix().items()}
         self._names = {i: by_id[id(p)] for i, p in enumerate(self.trainer._params)}
+        self._forward = None  # packed inference (`_packed_forward`), built on first use
 
     def set_learning_rate(self, lr: float) -> None:
         self.trainer.set_learning_rate(lr)
@@ -217,15 +218,42 @@ class MXNetRunner(_Runner):
         values = flat.asnumpy().reshape(len(pending), len(keys))  # (steps, metrics)
         return [dict(zip(keys, map(float, row))) for row in values]
 
+    def _packed_forward(self):
+        """The runner's `step.PackedForward` (built on first use), or None where the runner
+        runs the book's arithmetic (`packed=False`)."""
+        if not getattr(self.step, 'packed', False):
+            return None
+        if self._forward is None:
+            from .step import PackedForward
+            self._forward = PackedForward(self.net)
+        return self._forward
+
+    def infer_async(self, batch):
+        """The model's outputs for `batch` on the first device, not waited for (inference,
+        dropout off). Packed where the runner is (`step.PackedForward`): the classifier's
+        logits (B, C), or for BERTModel and a batch with pred_positions and mlm_weights
+        (mlm_Y_hat (K', V) at the real predictions, nsp_Y_hat (B, 2)). Otherwise the padded
+        forward: logits, or (encoded_X, mlm_Y_hat, nsp_Y_hat) as the book's model returns."""
+        from .step import _as_nd
+        ctx = self.contexts[0]
+        forward = self._packed_forward()
+        if forward is not None and (self.task == 'finetune' or 'mlm_weights' in batch):
+            return forward(batch, ctx)
+        keys = ['tokens', 'segments', 'valid_lens']
+        if self.task == 'pretrain' and batch.get('pred_positions') is not None:
+            keys.append('pred_positions')
+        return self.net(*(_as_nd(batch[k], ctx) for k in keys))
+
     def predict(self, batch):
         mx = self._mx
         ctx = self.contexts[0]
-        args = [mx.nd.array(batch[k], ctx=ctx, dtype=batch[k].dtype)
-                for k in ('tokens', 'segments', 'valid_lens')]
         def host(a):  # float32 numpy whatever the compute dtype (numpy has no bfloat16)
             return a.astype('float32').asnumpy()
-        if self.task == 'finetune':
-            return host(self.net(*args))
+        if self.task == 'finetune':  # packed where the runner is: the same logits
+            return host(self.infer_async(batch))
+        # pretraining: every prediction slot, padding too, as the book's model gives them
+        args = [mx.nd.array(batch[k], ctx=ctx, dtype=batch[k].dtype)
+                for k in ('tokens', 'segments', 'valid_lens')]
         positions = batch.get('pred_positions')
         if positions is not None:
             args.append(mx.nd.array(positions, ctx=ctx, dtype=positions.dtype))
@@ -235,7 +263,7 @@ class MXNetRunner(_Runner):
     def evaluate(self, loader):
         from .finetune import count_correct  # this worker's devices, one read-back
         return count_correct(self.net, loader, self.contexts, self.placement.rank,
-                             self.placement.num_workers)
+                             self.placement.num_workers, forward=self._packed_forward())
 
     def params(self):
         return {k: p.data(self.contexts[0]).asnumpy()

@@ -24,7 +24,7 @@ from ..model.layers import LegacyBoundary
 
 __all__ = ['split_batch', 'host_shards', 'mlm_loss', 'nsp_loss', 'PretrainObjective',
            'PackedPretrainObjective', 'FinetuneObjective', 'PackedFinetuneObjective',
-           'PackedLogits', 'PretrainStep', 'FinetuneStep', 'make_trainer']
+           'PackedLogits', 'PackedPretrainHeads', 'PackedForward', 'PretrainStep', 'FinetuneStep', 'make_trainer']
 
 
 def split_batch(batch: dict[str, onp.ndarray], keys, contexts, rank: int = 0,
@@ -182,6 +182,49 @@ class PackedLogits(_PackedGraph):
                        cls_rows):
         return self.net.classify_packed(F, tokens, segments, positions, valid_lens, unpack,
                                         pack, cls_rows)                       # (B, C)
+
+
+class PackedPretrainHeads(_PackedGraph):
+    """BERTModel's heads on a packed shard (`data.packing.pack_pretrain_batch`, its keys up
+    to ``mlm_rows``): mlm_Y_hat (K', V) at the real predictions and nsp_Y_hat (B, 2), the
+    rows the padded forward gives for them, without its arithmetic on padding (inference)."""
+
+    def hybrid_forward(self, F, tokens, segments, positions, valid_lens, unpack, pack,
+                       cls_rows, mlm_rows):
+        return self.net.pretrain_packed(F, tokens, segments, positions, valid_lens, unpack,
+                                        pack, cls_rows, mlm_rows)   # (K', V), (B, 2)
+
+
+class PackedForward:
+    """Inference on packed shards for this package's `BERTModel` or `BERTClassifier`: one
+    graph (hybridized as the net is) and grow-only sizes, kept from call to call so that
+    the graph is planned once for a run's batches.
+
+    `forward(part, ctx)` packs one shard (a padded batch dict: tokens, segments, valid_lens,
+    and for BERTModel pred_positions and mlm_weights; labels are not needed) and returns
+    the graph's outputs on `ctx`, not waited for: the classifier's logits (B, C), or
+    (mlm_Y_hat (K', V), nsp_Y_hat (B, 2)), whose first K rows are the predictions with a
+    nonzero weight in (example, slot) order and the rest padding."""
+
+    def __init__(self, net):
+        from ..model import BERTModel
+        self.pretrain = isinstance(net, BERTModel)
+        self.graph = _objective(PackedPretrainHeads if self.pretrain else PackedLogits, net)
+        last = 'mlm_rows' if self.pretrain else 'cls_rows'
+        keys = PACKED_KEYS if self.pretrain else FINETUNE_PACKED_KEYS
+        self.keys = keys[:keys.index(last) + 1]
+        self.sizes = PackedSizes()
+
+    def reserve(self, parts):
+        """Grow the sizes for these shards (a dict or a list of them, which share one size);
+        (num_tokens, num_rows)."""
+        return self.sizes.update(parts)
+
+    def __call__(self, part, ctx, sizes=None):
+        num_tokens, num_rows = sizes or self.sizes.update(part)
+        shard = (pack_pretrain_batch(part, num_tokens, num_rows) if self.pretrain
+                 else pack_finetune_batch(part, num_tokens))
+        return self.graph(*(_as_nd(shard[k], ctx) for k in self.keys))
 
 
 class PackedFinetuneObjective(_PackedGraph):
