@@ -3,6 +3,7 @@
     python experiments/bench_report.py                      # the newest issue10 run
     python experiments/bench_report.py --commit abc1234 --since 2026-12-02T02:00
     python experiments/bench_report.py --commit abc1234:pretrain-book,def5678
+    python experiments/bench_report.py --commit abc1234:pretrain-book/train,def5678
 
 A suite run writes experiments/results/bench_<suite>.md itself. This script is for a suite
 run in parts (e.g. `--workloads pretrain-book`, then the fine-tuning workloads, on a
@@ -33,14 +34,23 @@ def load_rows(path, suite, commit=None, since=None):
         raise SystemExit(f'{path} holds no rows of suite {suite!r}')
     # one commit, or several separated by commas (parts run at commits that differ only
     # outside the measured code: say so where the report is quoted); `sha:w1+w2` takes
-    # only those workloads' rows (and the matmul peak) from that commit
+    # only those workloads' rows (and the matmul peak) from that commit, `w/mode` only
+    # that mode's rows of w (train or infer; a whole loop is a train row)
     commit = commit or rows[-1].get('commit')
     wanted = {}
     for item in commit.split(','):
         sha, _, names = item.partition(':')
-        wanted[sha] = set(names.split('+')) | {'matmul-peak'} if names else None
-    rows = [r for r in rows if r.get('commit') in wanted and
-            (wanted[r['commit']] is None or r.get('workload') in wanted[r['commit']])]
+        wanted[sha] = {tuple(n.partition('/')[::2]) for n in names.split('+')} | \
+            {('matmul-peak', '')} if names else None
+
+    def taken(r):
+        if r.get('commit') not in wanted:
+            return False
+        names = wanted[r['commit']]
+        return names is None or (r.get('workload'), '') in names or \
+            (r.get('workload'), r.get('mode')) in names
+
+    rows = [r for r in rows if taken(r)]
     if since:
         rows = [r for r in rows if (r.get('date') or '') >= since]
     if not rows:

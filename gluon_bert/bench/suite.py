@@ -40,7 +40,7 @@ class Workload:
         return cls(**data)
 
 
-# name -> (what it is, modules it needs, scopes it has, tasks and modes it covers)
+# name -> (what it is, modules it needs, scopes it has, tasks it covers)
 VARIANTS: dict[str, dict[str, Any]] = {
     'd2l-mxnet': dict(about="the book's d2l 1.0.3 MXNet code (npx.set_np, not hybridized, "
                             'its batch loss and per-batch read-backs)',
@@ -51,15 +51,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     'ours-imperative': dict(about='this package, MXNetRunner(hybridize=False)',
                             needs=('mxnet',), scopes=('step',)),
     'ours-hybrid': dict(about='this package, MXNetRunner (hybridized, static memory; '
-                              'no arithmetic on what nothing reads: pretraining steps '
+                              'no arithmetic on what nothing reads: steps and inference '
                               'packed, the last block only at the rows the heads read)',
                         needs=('mxnet',), scopes=('step', 'loop')),
-    'ours-padded': dict(about='ours-hybrid with the book\'s arithmetic (packed=False): the '
-                              'padded pretraining batch, the classifier\'s last block on '
-                              'every position',
-                        needs=('mxnet',), scopes=('step',),
-                        # pretraining inference is ours-hybrid's own padded forward
-                        modes={'pretrain': ('train',), 'finetune': ('train', 'infer')}),
+    'ours-padded': dict(about='ours-hybrid with the book\'s arithmetic (packed=False): '
+                              'padded batches, the last block on every position',
+                        needs=('mxnet',), scopes=('step',)),
     'ours-bucketed': dict(about='this package, whole loop with length-bucketed batches '
                                 "(pad_to='longest', bucket=True)",
                           needs=('mxnet',), scopes=('loop',), tasks=('finetune',)),
@@ -185,10 +182,5 @@ def plan(workloads, variants, modes=('train', 'infer'), scopes=('step', 'loop'),
                     continue
                 if scope not in info['scopes']:
                     continue
-                for mode in modes:
-                    covered = info.get('modes', (mode,))
-                    if isinstance(covered, dict):  # per task
-                        covered = covered.get(w.task, ())
-                    if mode in covered:
-                        out.append(Measurement(w, v, mode, 'step', dtype))
+                out.extend(Measurement(w, v, mode, 'step', dtype) for mode in modes)
     return out
