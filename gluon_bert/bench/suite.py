@@ -171,7 +171,7 @@ def plan(workloads, variants, modes=('train', 'infer'), scopes=('step', 'loop'),
                 continue
             for scope in scopes:
                 if scope == 'loop':
-                    if not w.loop_steps:
+                    if not w.loop_steps or 'train' not in modes:  # a loop trains
                         continue
                     if scope not in info['scopes']:
                         if v in NO_LOOP:
