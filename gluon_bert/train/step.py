@@ -24,7 +24,8 @@ from ..model.layers import LegacyBoundary
 
 __all__ = ['split_batch', 'host_shards', 'mlm_loss', 'nsp_loss', 'PretrainObjective',
            'PackedPretrainObjective', 'FinetuneObjective', 'PackedFinetuneObjective',
-           'PackedLogits', 'PackedPretrainHeads', 'PackedForward', 'PretrainStep', 'FinetuneStep', 'make_trainer']
+           'PackedLogits', 'PackedPretrainHeads', 'PackedForward', 'PretrainStep',
+           'FinetuneStep', 'make_trainer']
 
 
 def split_batch(batch: dict[str, onp.ndarray], keys, contexts, rank: int = 0,
