@@ -237,7 +237,8 @@ class MXNetRunner(_Runner):
         from .step import _as_nd
         ctx = self.contexts[0]
         forward = self._packed_forward()
-        if forward is not None and (self.task == 'finetune' or 'mlm_weights' in batch):
+        if forward is not None and (self.task == 'finetune' or
+                                    {'pred_positions', 'mlm_weights'} <= set(batch)):
             return forward(batch, ctx)
         keys = ['tokens', 'segments', 'valid_lens']
         if self.task == 'pretrain' and batch.get('pred_positions') is not None:
