@@ -344,3 +344,24 @@ def test_runner_inference_is_packed_as_its_step():
     onp.testing.assert_allclose(logits[0], logits[1], rtol=0,
                                 atol=2e-5 * float(onp.abs(logits[1]).max()))
     onp.testing.assert_array_equal(runners[0].predict(batch), logits[0])
+
+
+def test_runner_pretraining_inference_packs_what_it_can():
+    """BERTModel through the runner: the heads at the real predictions when the batch says
+    which slots are real (mlm_weights), else the book's padded forward, all three outputs."""
+    from gluon_bert.train.runners import MXNetRunner
+    config = BERTConfig.from_preset('tiny', vocab_size=VOCAB, dropout=0.1)
+    net = BERTModel(config)
+    net.initialize(mx.init.Normal(0.5))
+    params = {k: p.data().asnumpy() for k, p in net._collect_params_with_prefix().items()}
+    runner = MXNetRunner(config, params, task='pretrain')
+    batch = _without_labels(_batch(8))
+    mlm, nsp = runner.infer_async(batch)
+    encoded, mlm_hat, nsp_hat = runner.infer_async(
+        {k: v for k, v in batch.items() if k != 'mlm_weights'})
+    real = batch['mlm_weights'] != 0
+    onp.testing.assert_allclose(mlm.asnumpy()[:int(real.sum())], mlm_hat.asnumpy()[real],
+                                rtol=0, atol=2e-5 * float(onp.abs(mlm_hat.asnumpy()).max()))
+    onp.testing.assert_allclose(nsp.asnumpy(), nsp_hat.asnumpy(), rtol=0,
+                                atol=2e-5 * float(onp.abs(nsp_hat.asnumpy()).max()))
+    assert encoded.shape == batch['tokens'].shape + (config.num_hiddens,)
