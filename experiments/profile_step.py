@@ -44,8 +44,10 @@ def main(argv=None):
     ap.add_argument('--batch-size', type=int, default=512)
     ap.add_argument('--seq-len', type=int, default=64)
     ap.add_argument('--num-preds', type=int, default=10)
-    ap.add_argument('--lengths', choices=('wikitext-2', 'uniform'), default='wikitext-2',
-                    help="the batch's lengths, as gluon-bert bench --lengths")
+    ap.add_argument('--lengths', choices=('wikitext-2', 'snli', 'uniform'), default=None,
+                    help="the batch's lengths, as gluon-bert bench --lengths (default: "
+                         "wikitext-2 for pretraining, snli for fine-tuning, where the batch "
+                         "has their 64 or 128 positions; else uniform)")
     ap.add_argument('--steps', type=int, default=4, help='timed, then profiled, steps')
     ap.add_argument('--top', type=int, default=25)
     ap.add_argument('--out', default=None, help='also write the table as JSON here')
@@ -63,14 +65,15 @@ def main(argv=None):
     from gluon_bert.bench.variants import build
     from gluon_bert.bench.worker import initial_params
     from gluon_bert.config import BERTConfig
-    from gluon_bert.ports.synthetic import WIKITEXT2_LENGTHS, synthetic_batch
+    from gluon_bert.ports.synthetic import LENGTHS, synthetic_batch
 
     config = BERTConfig.from_preset(args.preset, vocab_size=args.vocab_size)
-    book = args.lengths == 'wikitext-2' and args.task == 'pretrain' and \
-        args.seq_len == len(WIKITEXT2_LENGTHS) - 1
+    lengths = args.lengths or ('wikitext-2' if args.task == 'pretrain' else 'snli')
+    counts = LENGTHS.get(lengths)  # the real lengths hold at their own padded length only
+    if counts is not None and args.seq_len != len(counts) - 1:
+        counts = None
     batch = synthetic_batch(np.random.default_rng(0), config, args.task, args.batch_size,
-                            args.seq_len, args.num_preds,
-                            length_counts=WIKITEXT2_LENGTHS if book else None)
+                            args.seq_len, args.num_preds, length_counts=counts)
     step = build('ours-hybrid', config, initial_params(config, args.task, 0), batch,
                  args.task)
 

@@ -739,6 +739,106 @@ REGISTER_OP(gb_dropout)
     .setInferType(dropout_type)
     .setInferShape(dropout_shape);
 
+// ------------------------------------------------------------------------------ Adam
+
+// gb_adam_update(weight, grad, mean, var; lr, beta1, beta2, epsilon, wd, rescale_grad,
+// clip_gradient) -> the new weight (call it with out=weight); mean and var are updated in
+// place. MXNet's adam_update, element by element in the same float operations:
+//   g = grad * rescale_grad + weight * wd, clipped to +-clip_gradient when that is >= 0
+//   mean = beta1 * mean + (1 - beta1) * g;  var = beta2 * var + (1 - beta2) * g * g
+//   weight = weight - lr * mean / (sqrt(var) + epsilon)
+// so the same bits (no fused multiply-adds: each product and sum rounds as MXNet's do),
+// eight lanes at a time: MXNet's loop took 12.6 ms for bert.small's token embedding
+// (5.2 M floats) where its seven passes over memory take about 5.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+static MXReturnValue adam_parse(const Attrs&, int* num_in, int* num_out) {
+  *num_in = 4;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
+static MXReturnValue adam_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
+  return all_float32("gb_adam_update", in, out);
+}
+
+static MXReturnValue adam_shape(const Attrs&, Shapes* in, Shapes* out) {
+  for (int i = 1; i < 4; ++i)
+    if ((*in)[i] != (*in)[0]) {
+      MX_ERROR_MSG << "gb_adam_update: weight, grad, mean and var must have one shape";
+      return MX_FAIL;
+    }
+  (*out)[0] = (*in)[0];
+  return MX_SUCCESS;
+}
+
+static MXReturnValue adam_mutate(const Attrs&, std::vector<int>* inputs) {
+  inputs->push_back(2);  // mean
+  inputs->push_back(3);  // var
+  return MX_SUCCESS;
+}
+
+static MXReturnValue adam_forward(const Attrs& attrs, std::vector<MXTensor>* in,
+                                  std::vector<MXTensor>* out, const OpResource&) {
+  const float lr = float_attr(attrs, "lr", 0.f), wd = float_attr(attrs, "wd", 0.f);
+  const float beta1 = float_attr(attrs, "beta1", 0.9f), beta2 = float_attr(attrs, "beta2", 0.999f);
+  const float eps = float_attr(attrs, "epsilon", 1e-8f);
+  const float rescale = float_attr(attrs, "rescale_grad", 1.f);
+  const float clip = float_attr(attrs, "clip_gradient", -1.f);
+  const float c1 = 1.f - beta1, c2 = 1.f - beta2;
+  const int64_t n = (*in)[0].size();
+  const float* w = (*in)[0].data<float>();
+  const float* grad = (*in)[1].data<float>();
+  float* mean = (*in)[2].data<float>();
+  float* var = (*in)[3].data<float>();
+  float* wout = (*out)[0].data<float>();  // may be w itself: each element read, then written
+  const auto scalar = [&](int64_t i) {
+    float g = grad[i] * rescale + w[i] * wd;
+    if (clip >= 0.f) g = g > clip ? clip : (g < -clip ? -clip : g);
+    mean[i] = beta1 * mean[i] + c1 * g;
+    var[i] = beta2 * var[i] + c2 * g * g;
+    wout[i] = w[i] - lr * mean[i] / (std::sqrt(var[i]) + eps);
+  };
+#if defined(__AVX2__)
+  const int64_t nv = n / 8 * 8;
+  const __m256 vr = _mm256_set1_ps(rescale), vwd = _mm256_set1_ps(wd);
+  const __m256 vb1 = _mm256_set1_ps(beta1), vb2 = _mm256_set1_ps(beta2);
+  const __m256 vc1 = _mm256_set1_ps(c1), vc2 = _mm256_set1_ps(c2);
+  const __m256 vlr = _mm256_set1_ps(lr), veps = _mm256_set1_ps(eps);
+  const __m256 vclip = _mm256_set1_ps(clip), vnclip = _mm256_set1_ps(-clip);
+  const bool clipped = clip >= 0.f;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < nv; i += 8) {
+    const __m256 wi = _mm256_loadu_ps(w + i);
+    __m256 g = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(grad + i), vr),
+                             _mm256_mul_ps(wi, vwd));
+    if (clipped) g = _mm256_max_ps(_mm256_min_ps(g, vclip), vnclip);
+    const __m256 m = _mm256_add_ps(_mm256_mul_ps(vb1, _mm256_loadu_ps(mean + i)),
+                                   _mm256_mul_ps(vc1, g));
+    const __m256 v = _mm256_add_ps(_mm256_mul_ps(vb2, _mm256_loadu_ps(var + i)),
+                                   _mm256_mul_ps(_mm256_mul_ps(vc2, g), g));
+    _mm256_storeu_ps(mean + i, m);
+    _mm256_storeu_ps(var + i, v);
+    const __m256 step = _mm256_div_ps(_mm256_mul_ps(vlr, m),
+                                      _mm256_add_ps(_mm256_sqrt_ps(v), veps));
+    _mm256_storeu_ps(wout + i, _mm256_sub_ps(wi, step));
+  }
+  for (int64_t i = nv; i < n; ++i) scalar(i);
+#else
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) scalar(i);
+#endif
+  return MX_SUCCESS;
+}
+#pragma GCC pop_options
+
+REGISTER_OP(gb_adam_update)
+    .setForward(adam_forward, "cpu")
+    .setParseAttrs(adam_parse)
+    .setInferType(adam_type)
+    .setInferShape(adam_shape)
+    .setMutateInputs(adam_mutate);
+
 // ------------------------------------------------------------- packed self-attention
 
 // gb_attention(q, k, v, valid_lens[, rows], num_heads, alpha, p, query_rows)

@@ -252,10 +252,14 @@ def _objective(cls, net):
 
 def make_trainer(params, lr, kvstore, optimizer='adam', weight_decay=0.0):
     """A Trainer that leaves reduction and update to the step (update_on_kvstore=False), so
-    that gradient clipping can sit between them."""
+    that gradient clipping can sit between them. 'adam' is `train.optimizer.Adam`: MXNet's
+    Adam with gluon-bert's faster CPU update, the same bits."""
     opt_args = {'learning_rate': lr}
     if weight_decay:
         opt_args['wd'] = weight_decay
+    if optimizer == 'adam':
+        from .optimizer import Adam
+        optimizer, opt_args = Adam(**opt_args), None
     return gluon.Trainer(params, optimizer, opt_args, kvstore=kvstore or 'local',
                          update_on_kvstore=False if kvstore is not None else None)
 
