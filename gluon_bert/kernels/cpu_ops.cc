@@ -751,8 +751,8 @@ REGISTER_OP(gb_dropout)
 //   mean = beta1 * mean + (1 - beta1) * g;  var = beta2 * var + (1 - beta2) * g * g
 //   weight = weight - lr * mean / (sqrt(var) + epsilon)
 // so the same bits (no fused multiply-adds: each product and sum rounds as MXNet's do),
-// eight lanes at a time: MXNet's loop took 12.6 ms for bert.small's token embedding
-// (5.2 M floats) where its seven passes over memory take about 5.
+// eight lanes at a time: 2.6 ms for bert.small's token embedding (5.2 M floats), where
+// MXNet's loop takes 11.3 (experiments/RESULTS.md, sixth round).
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 static MXReturnValue adam_parse(const Attrs&, int* num_in, int* num_out) {
@@ -784,7 +784,8 @@ static MXReturnValue adam_mutate(const Attrs&, std::vector<int>* inputs) {
 static MXReturnValue adam_forward(const Attrs& attrs, std::vector<MXTensor>* in,
                                   std::vector<MXTensor>* out, const OpResource&) {
   const float lr = float_attr(attrs, "lr", 0.f), wd = float_attr(attrs, "wd", 0.f);
-  const float beta1 = float_attr(attrs, "beta1", 0.9f), beta2 = float_attr(attrs, "beta2", 0.999f);
+  const float beta1 = float_attr(attrs, "beta1", 0.9f);
+  const float beta2 = float_attr(attrs, "beta2", 0.999f);
   const float eps = float_attr(attrs, "epsilon", 1e-8f);
   const float rescale = float_attr(attrs, "rescale_grad", 1.f);
   const float clip = float_attr(attrs, "clip_gradient", -1.f);

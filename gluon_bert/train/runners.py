@@ -234,31 +234,28 @@ class MXNetRunner(_Runner):
         logits (B, C), or for BERTModel and a batch with pred_positions and mlm_weights
         (mlm_Y_hat (K', V) at the real predictions, nsp_Y_hat (B, 2)). Otherwise the padded
         forward: logits, or (encoded_X, mlm_Y_hat, nsp_Y_hat) as the book's model returns."""
-        from .step import _as_nd
-        ctx = self.contexts[0]
         forward = self._packed_forward()
         if forward is not None and (self.task == 'finetune' or
                                     {'pred_positions', 'mlm_weights'} <= set(batch)):
-            return forward(batch, ctx)
+            return forward(batch, self.contexts[0])
+        return self._padded_forward(batch)
+
+    def _padded_forward(self, batch):
+        """The book's forward on the padded batch, first device: logits, or (encoded_X,
+        mlm_Y_hat at every slot, padding too, or None without pred_positions, nsp_Y_hat)."""
+        from .step import _as_nd
         keys = ['tokens', 'segments', 'valid_lens']
         if self.task == 'pretrain' and batch.get('pred_positions') is not None:
             keys.append('pred_positions')
-        return self.net(*(_as_nd(batch[k], ctx) for k in keys))
+        return self.net(*(_as_nd(batch[k], self.contexts[0]) for k in keys))
 
     def predict(self, batch):
-        mx = self._mx
-        ctx = self.contexts[0]
         def host(a):  # float32 numpy whatever the compute dtype (numpy has no bfloat16)
             return a.astype('float32').asnumpy()
         if self.task == 'finetune':  # packed where the runner is: the same logits
             return host(self.infer_async(batch))
         # pretraining: every prediction slot, padding too, as the book's model gives them
-        args = [mx.nd.array(batch[k], ctx=ctx, dtype=batch[k].dtype)
-                for k in ('tokens', 'segments', 'valid_lens')]
-        positions = batch.get('pred_positions')
-        if positions is not None:
-            args.append(mx.nd.array(positions, ctx=ctx, dtype=positions.dtype))
-        _, mlm, nsp = self.net(*args)
+        _, mlm, nsp = self._padded_forward(batch)
         return (None if mlm is None else host(mlm)), host(nsp)
 
     def evaluate(self, loader):

@@ -265,13 +265,15 @@ def make_trainer(params, lr, kvstore, optimizer='adam', weight_decay=0.0):
 
 
 class _Step:
-    keys: tuple = ()
-    packed_keys: tuple = ()
+    keys: tuple = ()         # the padded batch's fields that the objective reads
+    packed_keys: tuple = ()  # the packed objective's input order
+    objectives: tuple = ()   # (the padded objective, the packed one)
 
     def __init__(self, net, trainer, contexts, clip_norm=None, rank=0, num_workers=1,
-                 loss_scale=None, packed=False):
+                 loss_scale=None, packed=True):
         self.net = net
         self.packed = packed
+        self.objective = _objective(self.objectives[bool(packed)], net)
         self.sizes = PackedSizes()  # packed shapes: grow-only, so the graph keeps one
         self.loss_scale = loss_scale  # float16: a `precision.LossScale`, else None
         self.trainer = trainer
@@ -339,12 +341,8 @@ class PretrainStep(_Step):
     keys = ('tokens', 'segments', 'valid_lens', 'pred_positions', 'mlm_weights',
             'mlm_labels', 'nsp_labels')
 
-    packed_keys = PACKED_KEYS  # PackedPretrainObjective's input order
-
-    def __init__(self, net, *args, packed=True, **kwargs):
-        super().__init__(net, *args, packed=packed, **kwargs)
-        self.objective = _objective(PackedPretrainObjective if packed else PretrainObjective,
-                                    net)
+    packed_keys = PACKED_KEYS
+    objectives = (PretrainObjective, PackedPretrainObjective)
 
     def _pack(self, part, num_tokens, num_rows):
         return pack_pretrain_batch(part, num_tokens, num_rows)
@@ -375,12 +373,8 @@ class FinetuneStep(_Step):
     `packed=True` (the default) runs each shard packed (`data.packing`): the same loss and
     gradients without the arithmetic on padding; `packed=False` runs the padded batch."""
     keys = ('tokens', 'segments', 'valid_lens', 'labels')
-    packed_keys = FINETUNE_PACKED_KEYS  # PackedFinetuneObjective's input order
-
-    def __init__(self, net, *args, packed=True, **kwargs):
-        super().__init__(net, *args, packed=packed, **kwargs)
-        self.objective = _objective(PackedFinetuneObjective if packed else FinetuneObjective,
-                                    net)
+    packed_keys = FINETUNE_PACKED_KEYS
+    objectives = (FinetuneObjective, PackedFinetuneObjective)
 
     def _pack(self, part, num_tokens, num_rows):
         return pack_finetune_batch(part, num_tokens)
