@@ -62,3 +62,20 @@ def test_kernel_adam_falls_back_where_the_kernel_does_not_apply(monkeypatch):
     monkeypatch.setitem(kernels._state, 'loaded', False)
     _train(Adam(learning_rate=0.01), steps=1)
     assert not called
+
+
+def test_kernel_parses_its_rates_as_mxnet_does():
+    """The learning rates Adam's bias correction gives, as strings, become the floats that
+    adam_update makes of them: 2.5539965058459782e-05 is one that a correctly rounded
+    parser (std::stof) and MXNet's (dmlc::stof) turn into neighbouring floats."""
+    rng = onp.random.RandomState(0)
+    grad = mx.nd.array(rng.randn(16))
+    rates = [2.5539965058459782e-05] + list(10 ** rng.uniform(-5, -2, 500))
+    for lr in rates:
+        out = []
+        for update in (mx.nd.adam_update, mx.nd.gb_adam_update):
+            # weights 0: the new weights are the step itself, every bit of the rate in it
+            w, m, v = mx.nd.zeros(16), mx.nd.zeros(16), mx.nd.zeros(16)
+            update(w, grad, m, v, out=w, lr=float(lr), rescale_grad=1 / 64.)
+            out.append(w.asnumpy())
+        assert onp.array_equal(*out), lr

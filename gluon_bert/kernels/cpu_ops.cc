@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "mxnet/lib_api.h"
+#include "dmlc/strtonum.h"  // dmlc::stof, as MXNet parses float parameters
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -67,6 +68,15 @@ static bool flag_attr(const Attrs& attrs, const char* key) {
 static float float_attr(const Attrs& attrs, const char* key, float fallback) {
   auto it = attrs.find(key);
   return it == attrs.end() ? fallback : std::stof(it->second);
+}
+
+// A float attribute parsed as MXNet parses its own operators' float parameters (dmlc::stof,
+// from the headers the wheel ships), for a kernel whose results must be the bits of an
+// MXNet operator given the same arguments: dmlc's parser rounds some decimal strings to a
+// neighbouring float of std::stof's (about 1 learning rate in 3,000).
+static float mxnet_float_attr(const Attrs& attrs, const char* key, float fallback) {
+  auto it = attrs.find(key);
+  return it == attrs.end() ? fallback : dmlc::stof(it->second);
 }
 
 // Inputs of unknown type (-1, while a graph's types are still being inferred) are float32.
@@ -783,12 +793,13 @@ static MXReturnValue adam_mutate(const Attrs&, std::vector<int>* inputs) {
 
 static MXReturnValue adam_forward(const Attrs& attrs, std::vector<MXTensor>* in,
                                   std::vector<MXTensor>* out, const OpResource&) {
-  const float lr = float_attr(attrs, "lr", 0.f), wd = float_attr(attrs, "wd", 0.f);
-  const float beta1 = float_attr(attrs, "beta1", 0.9f);
-  const float beta2 = float_attr(attrs, "beta2", 0.999f);
-  const float eps = float_attr(attrs, "epsilon", 1e-8f);
-  const float rescale = float_attr(attrs, "rescale_grad", 1.f);
-  const float clip = float_attr(attrs, "clip_gradient", -1.f);
+  // parsed as adam_update parses them: the same floats, so the same bits
+  const float lr = mxnet_float_attr(attrs, "lr", 0.f), wd = mxnet_float_attr(attrs, "wd", 0.f);
+  const float beta1 = mxnet_float_attr(attrs, "beta1", 0.9f);
+  const float beta2 = mxnet_float_attr(attrs, "beta2", 0.999f);
+  const float eps = mxnet_float_attr(attrs, "epsilon", 1e-8f);
+  const float rescale = mxnet_float_attr(attrs, "rescale_grad", 1.f);
+  const float clip = mxnet_float_attr(attrs, "clip_gradient", -1.f);
   const float c1 = 1.f - beta1, c2 = 1.f - beta2;
   const int64_t n = (*in)[0].size();
   const float* w = (*in)[0].data<float>();

@@ -3,8 +3,9 @@
 MXNet's `adam_update` runs its element-wise loop at about a quarter of the machine's memory
 speed: 11.3 ms for `bert.small`'s token embedding (5.2 M floats) on this project's 2-vCPU
 machine, 13% of a fine-tuning step; the kernel takes 2.6 ms. It computes the same float
-operations in the same order (no fused multiply-adds), so weights and moments are the same
-bits as MXNet's (tests/test_optimizer.py), and checkpoints, resumes and the book's
+operations in the same order (no fused multiply-adds) on the same floats (its arguments
+parsed by MXNet's own parser), so weights and moments are the same bits as MXNet's
+(tests/test_optimizer.py), and checkpoints, resumes and the book's
 comparisons are unchanged. Elsewhere (GPUs, sparse or non-float32 weights, kernels off
 with GLUON_BERT_KERNELS=0 or not built) it is MXNet's Adam.
 """
